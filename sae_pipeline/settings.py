@@ -1,0 +1,94 @@
+"""Every environment variable of the pipeline, defined once.
+
+Each field is read from the upper-case environment variable of the same name (``top_k`` <- ``TOP_K``). The scripts
+pick the class for their step; the fields, defaults and bounds live only here, and the README table is checked
+against them by a test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sae_pipeline.errors import PipelineError
+
+
+def default_store_dir() -> Path:
+    """``$SCRATCH/sae_store`` on clusters that define SCRATCH, else ``./store`` (the seed's rule)."""
+    scratch = os.environ.get("SCRATCH")
+    return Path(scratch) / "sae_store" if scratch else Path("store")
+
+
+class CommonSettings(BaseSettings):
+    """Variables every step reads."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, env_ignore_empty=True, extra="ignore", protected_namespaces=(), frozen=True
+    )
+
+    model_id: str = Field("speakleash/Bielik-1.5B-v3.0-Instruct", min_length=1,
+                          description="Hugging Face model id or a local model directory")
+    store_dir: Path = Field(default_factory=default_store_dir,
+                            description="where runs are stored ($SCRATCH/sae_store when SCRATCH is set, else ./store)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto, cpu, cuda, cuda:N or mps")
+    model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the model runs in; auto = checkpoint dtype on GPU, float32 on CPU")
+    layer_num: int = Field(16, ge=0, description="transformer block whose post_attention_layernorm is hooked")
+    layer_signature: str | None = Field(None, min_length=1,
+                                        description="full mi_crow hook name; overrides LAYER_NUM (any architecture)")
+    seed: int = Field(42, ge=0, description="seed for every random choice (shuffles, SAE init)")
+
+
+class CaptureSettings(CommonSettings):
+    """Variables of step 1 (01_save_activations.py)."""
+
+    hf_dataset: str = Field("roneneldan/TinyStories", min_length=1,
+                            description="hub dataset or a local file/folder (jsonl, json, csv, parquet, txt)")
+    data_split: str = Field("train", min_length=1, description="dataset split")
+    text_field: str = Field("text", min_length=1, description="column holding the text")
+    data_limit: int = Field(10000, ge=1, description="first N rows of the split are used")
+    data_shuffle: bool = Field(False, description="shuffle the split (seeded by SEED) before taking DATA_LIMIT rows")
+    max_length: int = Field(128, ge=2, description="tokens per document, longer ones are truncated")
+    batch_size_save: int = Field(16, ge=1, description="documents per forward pass")
+    docs_per_shard: int = Field(1024, ge=1, description="documents per stored shard (the unit of resume)")
+    hook_side: Literal["output", "input"] = Field(
+        "output", description="output = the hooked module's output (seed default); input = its input")
+    keep_special_tokens: bool = Field(False, description="also store BOS/EOS and other special tokens")
+    store_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16",
+                                                                   description="dtype activations are stored in")
+
+
+class TrainSettings(CommonSettings):
+    """Variables of step 2 (02_train_sae.py)."""
+
+    n_latents_multiplier: int = Field(4, ge=1, description="SAE latents = d_model x this")
+    top_k: int = Field(8, ge=1, description="active latents per token")
+    epochs: int = Field(10, ge=1, description="passes over the training tokens")
+    batch_size_train: int = Field(32, ge=1, description="tokens per optimisation step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    l1_lambda: float = Field(1e-4, ge=0, description="L1 penalty on the codes (optional for TopK; 0 disables)")
+    sae_run_id: str | None = Field(None, min_length=1, description="training run id (default: a fresh one)")
+
+    @field_validator("lr")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("must be a finite number")
+        return value
+
+
+def load_settings(cls: type[BaseSettings]) -> BaseSettings:
+    """Read ``cls`` from the environment; a bad value becomes one PipelineError line naming the variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]).upper() if err["loc"] else "?"
+        field = cls.model_fields.get(name.lower())
+        hint = f" ({field.description})" if field is not None and field.description else ""
+        raise PipelineError(f"{name}={os.environ.get(name, '')!r} is not valid: {err['msg']}{hint}") from None

@@ -1,0 +1,257 @@
+"""The store on disk: run folders, pointers, manifests and shards, every file written atomically.
+
+Layout (mi_crow's ``LocalStore`` layout, so ``mi_crow.store.StoreDataloader`` reads our activation runs)::
+
+    STORE_DIR/run_id.txt                      last complete activation run
+    STORE_DIR/sae_run_id.txt                  last finished training run
+    STORE_DIR/runs/<run_id>/meta.json         manifest: mi_crow's run keys plus everything needed without the model
+    STORE_DIR/runs/<run_id>/batch_<i>/metadata.json
+    STORE_DIR/runs/<run_id>/batch_<i>/<layer_signature>/activations.safetensors   {"tensor": [n_tokens, d_model]}
+    STORE_DIR/runs/<run_id>/batch_<i>/tokens/provenance.safetensors              {"tensor": int32 [n_tokens, 3]}
+
+A shard is built in a hidden temporary folder and renamed into place, so ``batch_<i>`` exists only when complete.
+Provenance columns are (document index, position in the tokenized document, token id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sae_pipeline.errors import PipelineError
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_FILE = "run_id.txt"
+SAE_RUN_ID_FILE = "sae_run_id.txt"
+META_FILE = "meta.json"
+PROVENANCE_KEY = "tokens"
+PROVENANCE_COLUMNS = ("doc_index", "position", "token_id")
+FORMAT_VERSION = 1
+
+
+def validate_run_id(run_id: str, what: str = "--run_id") -> str:
+    """Ids become folder names, so only plain names that stay inside ``runs/`` are accepted."""
+    if not RUN_ID_PATTERN.match(run_id) or run_id in (".", ".."):
+        raise PipelineError(
+            f"{what}={run_id!r} is not a valid run id: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+    return run_id
+
+
+def new_run_id(prefix: str) -> str:
+    """Sortable by time and unique across concurrent jobs."""
+    return f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written under a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc}); the run may be corrupted") from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A missing or corrupted file is named in the error, never skipped silently."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing; the run is incomplete or was modified") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PipelineError(f"{path} cannot be read ({exc}); the file is corrupted") from None
+
+
+@dataclass(frozen=True)
+class Store:
+    """STORE_DIR: the pointers at its top and the run folders under ``runs/``."""
+
+    root: Path
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / validate_run_id(run_id)
+
+    def ensure_writable(self) -> None:
+        """Fail before any work is done, naming STORE_DIR, rather than after hours of compute."""
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.runs_dir, prefix=".write_probe.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PipelineError(
+                f"STORE_DIR={str(self.root)!r} is not writable ({exc.strerror}); set STORE_DIR to a folder you can write"
+            ) from None
+
+    def read_pointer(self, name: str = RUN_ID_FILE) -> str:
+        """The run id a previous step left in ``name``, checked to exist."""
+        path = self.root / name
+        if not path.is_file():
+            raise PipelineError(f"{path} not found: run the previous step first, or pass the run id explicitly")
+        run_id = path.read_text(encoding="utf-8").strip()
+        if not run_id:
+            raise PipelineError(f"{path} is empty: run the previous step again, or pass the run id explicitly")
+        validate_run_id(run_id, what=str(path))
+        if not self.run_dir(run_id).is_dir():
+            raise PipelineError(f"{path} names run {run_id!r}, but {self.run_dir(run_id)} does not exist")
+        return run_id
+
+    def write_pointer(self, run_id: str, name: str = RUN_ID_FILE) -> None:
+        atomic_write_text(self.root / name, run_id + "\n")
+
+
+class ActivationRun:
+    """One activation run: its manifest and its shards."""
+
+    def __init__(self, store: Store, run_id: str):
+        self.store = store
+        self.run_id = run_id
+        self.dir = store.run_dir(run_id)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / META_FILE
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    def read_meta(self) -> dict[str, Any]:
+        if not self.dir.is_dir():
+            raise PipelineError(f"activation run {self.run_id!r} not found: {self.dir} does not exist")
+        return read_json(self.meta_path)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        atomic_write_json(self.meta_path, meta)
+
+    def is_complete(self) -> bool:
+        return self.exists() and self.read_meta().get("status") == "complete"
+
+    def shard_dir(self, index: int) -> Path:
+        return self.dir / f"batch_{index}"
+
+    def completed_shards(self) -> set[int]:
+        """Shard folders exist only once complete (they are renamed into place)."""
+        done = set()
+        for p in self.dir.glob("batch_*"):
+            suffix = p.name[len("batch_"):]
+            if p.is_dir() and suffix.isdigit():
+                done.add(int(suffix))
+        return done
+
+    def remove_stale_temporaries(self) -> None:
+        """Left behind by a killed writer; never read, safe to delete before resuming."""
+        for p in self.dir.glob(".tmp_batch_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def write_shard(self, index: int, layer_signature: str, activations: torch.Tensor,
+                    provenance: torch.Tensor, info: dict[str, Any]) -> int:
+        """Write shard ``index`` atomically; returns its size in bytes."""
+        final = self.shard_dir(index)
+        tmp = self.dir / f".tmp_batch_{index}_{os.getpid()}_{secrets.token_hex(2)}"
+        tmp.mkdir(parents=True)
+        try:
+            (tmp / layer_signature).mkdir()
+            save_file({"tensor": activations.contiguous()}, str(tmp / layer_signature / "activations.safetensors"))
+            (tmp / PROVENANCE_KEY).mkdir()
+            save_file({"tensor": provenance.to(torch.int32).contiguous()},
+                      str(tmp / PROVENANCE_KEY / "provenance.safetensors"))
+            metadata = {
+                layer_signature: {"activations_shape": list(activations.shape)},
+                PROVENANCE_KEY: {"provenance_shape": list(provenance.shape), "columns": list(PROVENANCE_COLUMNS)},
+                "shard": info,
+                "_tensor_metadata_names": {layer_signature: ["activations"], PROVENANCE_KEY: ["provenance"]},
+            }
+            (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return size
+
+    def shard_info(self, index: int) -> dict[str, Any]:
+        return read_json(self.shard_dir(index) / "metadata.json")["shard"]
+
+    def read_shard(self, index: int, layer_signature: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations [n, d_model], provenance int32 [n, 3]) of one shard."""
+        shard = self.shard_dir(index)
+        acts = load_tensors(shard / layer_signature / "activations.safetensors")["tensor"]
+        prov = load_tensors(shard / PROVENANCE_KEY / "provenance.safetensors")["tensor"]
+        if acts.ndim != 2 or prov.shape != (acts.shape[0], len(PROVENANCE_COLUMNS)):
+            raise PipelineError(f"{shard} holds tensors of unexpected shapes {tuple(acts.shape)} and "
+                                f"{tuple(prov.shape)}; the run is corrupted")
+        return acts, prov
+
+    def iter_shards(self, layer_signature: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for index in sorted(self.completed_shards()):
+            acts, prov = self.read_shard(index, layer_signature)
+            yield index, acts, prov
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
+
+
+def open_complete_run(store: Store, run_id: str) -> tuple[ActivationRun, dict[str, Any]]:
+    """The run step 2 and later steps read: it must exist and be complete."""
+    run = ActivationRun(store, run_id)
+    if not run.dir.is_dir():
+        raise PipelineError(f"activation run {run_id!r} not found in {store.runs_dir}")
+    meta = run.read_meta()
+    if meta.get("kind") != "activations":
+        raise PipelineError(f"run {run_id!r} in {store.runs_dir} is not an activation run")
+    if meta.get("status") != "complete":
+        done, total = len(run.completed_shards()), meta.get("n_shards", "?")
+        raise PipelineError(
+            f"activation run {run_id!r} is incomplete ({done}/{total} shards); resume it with "
+            f"`uv run python 01_save_activations.py --run_id {run_id}` and the same settings"
+        )
+    return run, meta
