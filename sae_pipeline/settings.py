@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sae_pipeline.errors import PipelineError
@@ -42,6 +42,9 @@ class CommonSettings(BaseSettings):
     layer_signature: str | None = Field(None, min_length=1,
                                         description="full mi_crow hook name; overrides LAYER_NUM (any architecture)")
     seed: int = Field(42, ge=0, description="seed for every random choice (shuffles, SAE init)")
+    run_id: str | None = Field(None, min_length=1,
+                               description="activation run id (same as --run_id; step 1 default: a fresh one, "
+                                           "later steps: the one in STORE_DIR/run_id.txt)")
 
 
 class CaptureSettings(CommonSettings):
@@ -61,6 +64,25 @@ class CaptureSettings(CommonSettings):
     keep_special_tokens: bool = Field(False, description="also store BOS/EOS and other special tokens")
     store_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16",
                                                                    description="dtype activations are stored in")
+    capture_task_id: int | None = Field(None, ge=0, description="this task's part of the dataset (default: from "
+                                                                 "SLURM_ARRAY_TASK_ID in an array job, else all)")
+    capture_task_count: int | None = Field(None, ge=1, description="number of parts the dataset is split into "
+                                                                    "(default: the array's task count)")
+
+    @model_validator(mode="after")
+    def _array_task(self) -> "CaptureSettings":
+        """In a SLURM array each task captures its own shards of the one run: derive the part from SLURM."""
+        if self.capture_task_id is None and self.capture_task_count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            last = int(os.environ.get("SLURM_ARRAY_TASK_MAX", os.environ["SLURM_ARRAY_TASK_ID"]))
+            object.__setattr__(self, "capture_task_id", int(os.environ["SLURM_ARRAY_TASK_ID"]) - first)
+            object.__setattr__(self, "capture_task_count", last - first + 1)
+        if (self.capture_task_id is None) != (self.capture_task_count is None):
+            raise ValueError("CAPTURE_TASK_ID and CAPTURE_TASK_COUNT must be set together")
+        if self.capture_task_id is not None and self.capture_task_id >= self.capture_task_count:
+            raise ValueError(f"CAPTURE_TASK_ID={self.capture_task_id} must be below "
+                             f"CAPTURE_TASK_COUNT={self.capture_task_count}")
+        return self
 
 
 class TrainSettings(CommonSettings):
@@ -88,7 +110,9 @@ def load_settings(cls: type[BaseSettings]) -> BaseSettings:
         return cls()
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = str(err["loc"][0]).upper() if err["loc"] else "?"
+        if not err["loc"]:  # a rule across several variables: its message names them
+            raise PipelineError(str(err["msg"]).removeprefix("Value error, ")) from None
+        name = str(err["loc"][0]).upper()
         field = cls.model_fields.get(name.lower())
         hint = f" ({field.description})" if field is not None and field.description else ""
         raise PipelineError(f"{name}={os.environ.get(name, '')!r} is not valid: {err['msg']}{hint}") from None

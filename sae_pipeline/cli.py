@@ -1,0 +1,66 @@
+"""Entry points of the numbered scripts: parse flags and settings, call one function, turn errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+from sae_pipeline.errors import PipelineError
+from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
+
+
+def exit_on_error(fn: Callable[[], object]) -> None:
+    """Users see ``error: <one line>`` and a non-zero exit, never a traceback, for anything they can fix."""
+    try:
+        fn()
+    except PipelineError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def save_activations_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Step 1: capture a layer's activations into the store.")
+    parser.add_argument("--run_id", help="activation run id (default: a fresh one); an unfinished run is resumed")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from sae_pipeline.capture import save_activations
+
+        save_activations(load_settings(CaptureSettings), run_id=args.run_id)
+
+    exit_on_error(run)
+
+
+def train_sae_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Step 2: train a TopK SAE on an activation run.")
+    parser.add_argument("--run_id", help="activation run to train on (default: the one in STORE_DIR/run_id.txt)")
+    parser.add_argument("--sae_run_id", help="training run id (default: SAE_RUN_ID, else a fresh one); "
+                                             "an unfinished training run is resumed")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from sae_pipeline.train import train_sae
+
+        train_sae(load_settings(TrainSettings), run_id=args.run_id, sae_run_id=args.sae_run_id)
+
+    exit_on_error(run)
+
+
+def discover_layers_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Show a model's layers and which one to hook.")
+    parser.add_argument("--load", action="store_true", help="load the weights and list the hook names")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from sae_pipeline.layers import discover
+
+        discover(load_settings(CommonSettings), load=args.load)
+
+    exit_on_error(run)
