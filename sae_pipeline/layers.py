@@ -1,0 +1,100 @@
+"""Hook names (mi_crow's layer signatures), resolving LAYER_NUM / LAYER_SIGNATURE, and layer discovery."""
+
+from __future__ import annotations
+
+import re
+import types
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from sae_pipeline.errors import PipelineError
+from sae_pipeline.model import hidden_size, load_config, num_layers
+
+SITE = "post_attention_layernorm"
+BLOCK_PATTERN = re.compile(r"_(layers|layer|h|blocks|block)_(\d+)$")
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """mi_crow's names for every submodule (class name lowercased, dots as underscores), in its own order."""
+    from mi_crow.language_model.layers import LanguageModelLayers
+
+    return LanguageModelLayers(types.SimpleNamespace(model=model)).get_layer_names()
+
+
+def site_names(names: list[str]) -> list[str]:
+    """The seed's hook points, one per block, when the architecture has them (Llama, Mistral, Qwen, ...)."""
+    return [n for n in names if n.endswith("_" + SITE)]
+
+
+def block_names(names: list[str]) -> list[str]:
+    """Whole transformer blocks, the portable fallback for architectures without post_attention_layernorm."""
+    return [n for n in names if BLOCK_PATTERN.search(n)]
+
+
+def resolve_signature(names: list[str], layer_num: int, layer_signature: str | None, n_layers: int | None) -> str:
+    """LAYER_SIGNATURE if given, else block LAYER_NUM's post_attention_layernorm; misses list what exists."""
+    if layer_signature is not None:
+        if layer_signature in names:
+            return layer_signature
+        close = [n for n in names if layer_signature.lower() in n.lower()] or site_names(names) or block_names(names)
+        raise PipelineError(f"LAYER_SIGNATURE={layer_signature!r} is not a hook name of this model; "
+                            f"valid names include: {_shorten(close)}")
+    if n_layers is not None and layer_num >= n_layers:
+        raise PipelineError(f"LAYER_NUM={layer_num} is past the last layer: this model has {n_layers} layers, "
+                            f"so LAYER_NUM must be 0..{n_layers - 1} (middle: {n_layers // 2})")
+    wanted = [n for n in site_names(names) if n.endswith(f"_{layer_num}_{SITE}")]
+    if len(wanted) == 1:
+        return wanted[0]
+    available = site_names(names) or block_names(names)
+    raise PipelineError(f"no {SITE} hook for LAYER_NUM={layer_num} in this model; set LAYER_SIGNATURE to one of: "
+                        f"{_shorten(available)}")
+
+
+def _shorten(names: list[str], limit: int = 12) -> str:
+    if not names:
+        return "(none; run discover_layers.py --load to list every hook name)"
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def meta_model(config: PretrainedConfig) -> nn.Module:
+    """The model's module tree without weights or memory, for naming hooks before a download."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def discover(settings, load: bool = False) -> None:
+    """Print what a user needs to choose LAYER_NUM / LAYER_SIGNATURE."""
+    config = load_config(settings.model_id)
+    n_layers, d_model = num_layers(config), hidden_size(config)
+    print(f"model:        {settings.model_id}")
+    print(f"architecture: {', '.join(getattr(config, 'architectures', None) or [type(config).__name__])}")
+    print(f"layers:       {n_layers if n_layers is not None else 'unknown'}")
+    print(f"hidden size:  {d_model if d_model is not None else 'unknown'} (d_model of the stored activations)")
+    if n_layers:
+        print(f"suggested:    LAYER_NUM={n_layers // 2} (the middle layer)")
+    if load:
+        from sae_pipeline.model import load_language_model, resolve_device, resolve_dtype
+
+        device = resolve_device(settings.device)
+        lm = load_language_model(settings.model_id, settings.store_dir, device,
+                                 resolve_dtype(settings.model_dtype, device, config))
+        names = lm.layers.get_layer_names()
+        source = "loaded model"
+    else:
+        names = layer_names(meta_model(config))
+        source = "config, no weights"
+    hooks = site_names(names)
+    kind = f"{SITE} hook names" if hooks else "block hook names (no post_attention_layernorm here)"
+    hooks = hooks or block_names(names)
+    print(f"\n{kind} ({len(hooks)}, from the {source}):")
+    for name in hooks:
+        print(f"  {name}")
+    if hooks and n_layers:
+        middle = [n for n in hooks if re.search(rf"_{n_layers // 2}(_{SITE})?$", n)]
+        if middle:
+            print(f"\nto hook the middle layer: LAYER_NUM={n_layers // 2}  (or LAYER_SIGNATURE={middle[0]})")
+    print(f"\nall {len(names)} hook names: run with --load to list them from the loaded model, "
+          "or pass any of them as LAYER_SIGNATURE")

@@ -1,0 +1,114 @@
+"""Loading the language model through mi_crow: device, dtype, and the tokenizer facts capture relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from sae_pipeline.errors import PipelineError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    """DEVICE=auto picks CUDA when present; an explicit device that is missing is a user error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PipelineError(f"DEVICE={name!r} but CUDA is not available on this machine; use DEVICE=cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise PipelineError(f"DEVICE={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError("DEVICE='mps' but MPS is not available on this machine; use DEVICE=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(setting: str, device: torch.device, config: PretrainedConfig) -> torch.dtype:
+    """``auto``: the checkpoint's dtype (bf16 for Bielik) on accelerators, float32 on CPU where bf16 is slow."""
+    if setting != "auto":
+        return DTYPES[setting]
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def check_model_id(model_id: str) -> None:
+    """A path that exists must be a model folder; anything else must at least look like a hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"MODEL_ID={model_id!r} is a path without config.json; "
+                                "give a folder written by save_pretrained or a hub id like org/name")
+        return
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise PipelineError(f"MODEL_ID={model_id!r} is neither an existing directory nor a valid hub id "
+                            "(org/name)") from None
+
+
+def _load_error(model_id: str, exc: BaseException) -> PipelineError:
+    cause = exc.__cause__ or exc
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return PipelineError(f"MODEL_ID={model_id!r} could not be loaded: not a local directory, and the hub did not "
+                         f"provide it (offline, a typo, or a gated model needing HF_TOKEN): {first_line}")
+
+
+def load_config(model_id: str) -> PretrainedConfig:
+    check_model_id(model_id)
+    try:
+        return AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        raise _load_error(model_id, exc) from None
+
+
+def load_language_model(model_id: str, store_dir: Path, device: torch.device, dtype: torch.dtype):
+    """The model straight onto ``device`` in ``dtype`` (mi_crow alone would load on the CPU first)."""
+    from mi_crow.language_model.language_model import LanguageModel
+    from mi_crow.store.local_store import LocalStore
+
+    model_params = {"dtype": dtype}
+    if device.type == "cuda":
+        model_params["device_map"] = str(device)
+    try:
+        lm = LanguageModel.from_huggingface(model_id, store=LocalStore(base_path=store_dir),
+                                            model_params=model_params, device=str(device))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise _load_error(model_id, exc) from None
+    lm.model.eval()
+    ensure_pad_token(lm.tokenizer)
+    return lm
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Batches need a pad id; which one does not matter because padding is found from the attention mask."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise PipelineError("the tokenizer has neither a pad nor an EOS token; cannot batch documents")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def num_layers(config: PretrainedConfig) -> int | None:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def hidden_size(config: PretrainedConfig) -> int | None:
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
