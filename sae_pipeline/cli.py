@@ -7,6 +7,7 @@ import sys
 from typing import Callable, NoReturn
 
 from sae_pipeline.errors import PipelineError
+from sae_pipeline.preemption import StopRequested
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
 
 
@@ -14,14 +15,16 @@ def exit_on_error(fn: Callable[[], object]) -> None:
     """Users see ``error: <one line>`` and a non-zero exit, never a traceback, for anything they can fix."""
     try:
         fn()
+    except StopRequested as exc:
+        _fail(str(exc), exc.exit_code, prefix="stopped")
     except PipelineError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 

@@ -86,22 +86,57 @@ class CaptureSettings(CommonSettings):
 
 
 class TrainSettings(CommonSettings):
-    """Variables of step 2 (02_train_sae.py)."""
+    """Variables of step 2 (02_train_sae.py). Defaults were chosen by benchmarks/train_quality.py (RESULTS.md)."""
 
     n_latents_multiplier: int = Field(4, ge=1, description="SAE latents = d_model x this")
-    top_k: int = Field(8, ge=1, description="active latents per token")
+    top_k: int = Field(8, ge=1, description="active latents per token (must be below the number of latents)")
+    sae_architecture: Literal["topk", "batchtopk"] = Field(
+        "topk", description="topk = k latents per token; batchtopk = k per token on average over a batch, "
+                            "with a threshold learned for inference")
     epochs: int = Field(10, ge=1, description="passes over the training tokens")
-    batch_size_train: int = Field(32, ge=1, description="tokens per optimisation step")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    l1_lambda: float = Field(1e-4, ge=0, description="L1 penalty on the codes (optional for TopK; 0 disables)")
+    batch_size_train: int = Field(4096, ge=1, description="tokens per optimisation step (the seed used 32, "
+                                                          "far too few for a good SAE)")
+    lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate (Adam)")
+    lr_warmup_fraction: float = Field(0.05, ge=0, le=0.5,
+                                      description="fraction of the steps with a linear learning-rate warm-up")
+    lr_decay_fraction: float = Field(0.2, ge=0, le=1,
+                                     description="fraction of the steps at the end with a linear decay to 0")
+    l1_lambda: float = Field(1e-4, ge=0, description="L1 penalty on the mean code value (optional for TopK; 0 "
+                                                     "disables)")
+    auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss that revives dead latents "
+                                                        "(Gao et al. 2024; 0 disables)")
+    dead_tokens_window: int = Field(10_000_000, ge=1,
+                                    description="a latent is dead if it did not fire in this many training tokens "
+                                                "(capped at a tenth of the run's training tokens)")
+    grad_clip: float = Field(1.0, ge=0, description="gradient-norm clipping threshold (0 disables)")
+    amp_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="autocast dtype on CUDA (float32 disables autocast; CPU always runs float32)")
+    holdout_fraction: float = Field(0.05, gt=0, le=0.5,
+                                    description="fraction of every shard's tokens held out for evaluation, "
+                                                "never trained on")
+    shuffle_buffer_tokens: int = Field(1_048_576, ge=1,
+                                       description="tokens held in memory and shuffled together (whole shards, "
+                                                   "at least one; memory about 2x this x d_model x 2 bytes)")
+    checkpoint_every_steps: int = Field(1000, ge=1,
+                                        description="steps between checkpoints (also written at each epoch end)")
+    log_every_steps: int = Field(100, ge=1, description="steps between metric lines in history.json")
+    wandb_project: str | None = Field(None, min_length=1,
+                                      description="log metrics to this W&B project (unset: nothing is sent)")
     sae_run_id: str | None = Field(None, min_length=1, description="training run id (default: a fresh one)")
 
-    @field_validator("lr")
+    @field_validator("lr", "auxk_alpha", "grad_clip", "l1_lambda")
     @classmethod
     def _finite(cls, value: float) -> float:
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError("must be a finite number")
         return value
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "TrainSettings":
+        if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
+            raise ValueError(f"LR_WARMUP_FRACTION={self.lr_warmup_fraction} + LR_DECAY_FRACTION="
+                             f"{self.lr_decay_fraction} must not exceed 1")
+        return self
 
 
 def load_settings(cls: type[BaseSettings]) -> BaseSettings:

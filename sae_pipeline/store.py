@@ -255,3 +255,17 @@ def open_complete_run(store: Store, run_id: str) -> tuple[ActivationRun, dict[st
             f"`uv run python 01_save_activations.py --run_id {run_id}` and the same settings"
         )
     return run, meta
+
+
+def package_versions() -> dict[str, str]:
+    """Recorded in every manifest so a run can be reproduced or explained later."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "datasets", "mi-crow", "overcomplete", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,318 @@
+"""Step 1: capture one layer's activations of real tokens into an activation run, shard by shard, resumably.
+
+Shard i holds documents [i * DOCS_PER_SHARD, (i + 1) * DOCS_PER_SHARD) of the (limited) split. Shards are the unit
+of work: a rerun skips the ones on disk, an array task takes every N-th, a stop signal lets the current one finish.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sae_pipeline.data import load_texts
+from sae_pipeline.errors import PipelineError
+from sae_pipeline.layers import resolve_signature
+from sae_pipeline.model import DTYPES, load_config, load_language_model, num_layers, resolve_device, resolve_dtype
+from sae_pipeline.preemption import StopFlag, StopRequested
+from sae_pipeline.settings import CaptureSettings
+from sae_pipeline.store import FORMAT_VERSION, ActivationRun, Store, new_run_id, package_versions, validate_run_id
+
+# Settings that change what a run contains: a resume must match them exactly.
+RUN_DEFINING_KEYS = ("model_id", "layer_signature", "hook_side", "model_dtype", "store_dtype", "keep_special_tokens",
+                     "max_length", "docs_per_shard", "dataset", "n_documents", "n_shards", "d_model")
+
+
+class _StopForward(Exception):
+    """Raised right after the hooked layer: nothing later in the model is needed."""
+
+
+def _make_detector(signature: str, hook_side: str, store_dtype: torch.dtype):
+    from mi_crow.hooks import Detector
+    from mi_crow.hooks.hook import HookType
+    from mi_crow.hooks.utils import extract_tensor_from_output
+
+    class RealTokenCapture(Detector):
+        """A mi_crow detector that keeps only the rows of real tokens, selected on the model's device.
+
+        ``keep`` (a bool mask [batch, seq]) is set before each forward; the selected rows are cast to the storage
+        dtype on the device, so only real tokens ever cross to the CPU.
+        """
+
+        def __init__(self) -> None:
+            side = HookType.PRE_FORWARD if hook_side == "input" else HookType.FORWARD
+            super().__init__(hook_type=side, hook_id="sae_pipeline_capture", layer_signature=signature)
+            self.keep: torch.Tensor | None = None
+            self.captured: torch.Tensor | None = None
+
+        def process_activations(self, module, input, output) -> None:
+            tensor = input[0] if self.hook_type == HookType.PRE_FORWARD else extract_tensor_from_output(output)
+            self.captured = tensor[self.keep].to(store_dtype)
+
+    return RealTokenCapture()
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask, padded on the tokenizer's side (Bielik pads on the left)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+@dataclass
+class CaptureSummary:
+    run_id: str
+    complete: bool
+    n_tokens: int
+    n_shards_written: int
+    n_empty: int
+    bytes_written: int
+    seconds: float
+
+
+class Capturer:
+    """The model with the detector and the early stop attached; turns a list of documents into one shard."""
+
+    def __init__(self, lm, signature: str, settings: CaptureSettings):
+        self.lm = lm
+        self.settings = settings
+        self.device = next(lm.model.parameters()).device
+        self.tokenizer = lm.tokenizer
+        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+        self.detector = _make_detector(signature, settings.hook_side, DTYPES[settings.store_dtype])
+        self.tokens_seen = 0
+        lm.layers.register_hook(signature, self.detector)
+        lm.layers.register_forward_hook_for_layer(signature, self._stop)
+
+    @staticmethod
+    def _stop(module, input, output):
+        raise _StopForward
+
+    def keep_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Real tokens from the attention mask (never from the pad id: Bielik pads with EOS); specials optional."""
+        keep = mask.bool()
+        if not self.settings.keep_special_tokens:
+            keep &= ~torch.isin(ids, self.special_ids)
+        return keep
+
+    def shard(self, texts: list[str], doc_indices: list[int], progress: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activations [n_real, d] and provenance (doc, position, token id) of the documents, in document order."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.settings.max_length)["input_ids"]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths batch with less padding
+        left = self.tokenizer.padding_side == "left"
+        acts, provs = [], []
+        bs = self.settings.batch_size_save
+        for start in range(0, len(order), bs):
+            rows = order[start:start + bs]
+            ids, mask = pad_batch([encoded[i] for i in rows], self.tokenizer.pad_token_id, left)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            keep = self.keep_mask(ids, mask)
+            self.detector.keep, self.detector.captured = keep.to(self.device), None
+            with torch.inference_mode():
+                try:
+                    self.lm.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  position_ids=positions.to(self.device), use_cache=False)
+                except _StopForward:
+                    pass
+            if self.detector.captured is None:
+                raise PipelineError(f"the hook {self.detector.layer_signature!r} did not fire during the forward pass; "
+                                    "choose another LAYER_SIGNATURE")
+            acts.append(self.detector.captured.cpu())
+            docs = torch.tensor([doc_indices[i] for i in rows], dtype=torch.int32)[:, None].expand_as(ids)
+            provs.append(torch.stack([docs[keep], positions[keep].int(), ids[keep].int()], dim=1))
+            self.tokens_seen += int(keep.sum())
+            progress.update(len(rows))
+            progress.set_postfix_str(f"{self.tokens_seen / max(progress.format_dict['elapsed'], 1e-9):,.0f} tok/s",
+                                     refresh=False)
+        activations, provenance = torch.cat(acts), torch.cat(provs)
+        in_doc_order = torch.argsort(provenance[:, 0].long() * (self.settings.max_length + 1) + provenance[:, 1],
+                                     stable=True)
+        return activations[in_doc_order], provenance[in_doc_order]
+
+
+def _manifest(settings: CaptureSettings, run_id: str, signature: str, d_model: int, model_dtype: torch.dtype,
+              n_documents: int, n_layers: int | None, special_ids: list[int]) -> dict[str, Any]:
+    n_shards = math.ceil(n_documents / settings.docs_per_shard)
+    return {
+        "kind": "activations",
+        "format_version": FORMAT_VERSION,
+        "status": "capturing",
+        "run_id": run_id,
+        # mi_crow's own run keys, so its tools recognise the run
+        "run_name": run_id,
+        "model": settings.model_id,
+        "layer_signatures": [signature],
+        "num_layers": n_layers,
+        "options": {"dtype": settings.store_dtype, "max_length": settings.max_length,
+                    "batch_size": settings.batch_size_save, "stop_after_last_layer": True},
+        # ours: enough to use the run without the model
+        "model_id": settings.model_id,
+        "layer_signature": signature,
+        "hook_side": settings.hook_side,
+        "d_model": d_model,
+        "model_dtype": str(model_dtype).removeprefix("torch."),
+        "store_dtype": settings.store_dtype,
+        "keep_special_tokens": settings.keep_special_tokens,
+        "special_token_ids": special_ids,
+        "max_length": settings.max_length,
+        "docs_per_shard": settings.docs_per_shard,
+        "dataset": {"name": settings.hf_dataset, "split": settings.data_split, "text_field": settings.text_field,
+                    "limit": settings.data_limit, "shuffle": settings.data_shuffle,
+                    "shuffle_seed": settings.seed if settings.data_shuffle else None},
+        "n_documents": n_documents,
+        "n_shards": n_shards,
+        "provenance_columns": ["doc_index", "position", "token_id"],
+        "seed": settings.seed,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+    }
+
+
+def _check_same_run(old: dict[str, Any], new: dict[str, Any], run_id: str) -> None:
+    changed = [k for k in RUN_DEFINING_KEYS if old.get(k) != new.get(k)]
+    if changed:
+        diffs = "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
+        raise PipelineError(f"run {run_id!r} exists with other settings ({diffs}); resume it with its own settings "
+                            "or start a new run with another --run_id")
+
+
+def _finalize_if_complete(run: ActivationRun, store: Store) -> dict[str, Any] | None:
+    """Mark the run complete once every shard is on disk (whichever process gets there last) and point to it."""
+    meta = run.read_meta()
+    if not set(range(meta["n_shards"])) <= run.completed_shards():
+        return None
+    infos = [run.shard_info(i) for i in range(meta["n_shards"])]
+    meta.update(status="complete",
+                n_tokens=sum(i["n_tokens"] for i in infos),
+                n_empty_documents=sum(i["n_empty"] for i in infos),
+                bytes=run.size_bytes(),
+                completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    run.write_meta(meta)
+    store.write_pointer(run.run_id)
+    return meta
+
+
+def save_activations(settings: CaptureSettings, run_id: str | None = None) -> CaptureSummary:
+    started = time.time()
+    stop = StopFlag().install()
+    store = Store(settings.store_dir)
+    store.ensure_writable()
+    run_id = validate_run_id(run_id or settings.run_id or new_run_id("act"), "--run_id" if run_id else "RUN_ID")
+    run = ActivationRun(store, run_id)
+    if run.dir.exists() and not run.exists():
+        raise PipelineError(f"{run.dir} exists but is not an activation run; choose another --run_id")
+    if run.exists() and run.read_meta().get("kind") != "activations":
+        raise PipelineError(f"run {run_id!r} is not an activation run; choose another --run_id")
+
+    texts = load_texts(settings.hf_dataset, settings.data_split, settings.text_field, settings.data_limit,
+                       settings.data_shuffle, settings.seed)
+    config = load_config(settings.model_id)
+    device = resolve_device(settings.device)
+    model_dtype = resolve_dtype(settings.model_dtype, device, config)
+    lm = load_language_model(settings.model_id, settings.store_dir, device, model_dtype)
+    names = lm.layers.get_layer_names()
+    signature = resolve_signature(names, settings.layer_num, settings.layer_signature, num_layers(config))
+
+    capturer = Capturer(lm, signature, settings)
+    d_model = _probe_width(capturer)
+    manifest = _manifest(settings, run_id, signature, d_model, model_dtype, len(texts), num_layers(config),
+                         sorted(set(lm.tokenizer.all_special_ids)))
+    if run.exists():
+        old = run.read_meta()
+        _check_same_run(old, manifest, run_id)
+        if old.get("status") == "complete":
+            store.write_pointer(run_id)
+            print(f"run {run_id!r} is already complete ({old['n_tokens']:,} tokens); nothing to do. "
+                  f"Start a new capture with another --run_id.", file=sys.stderr)
+            return CaptureSummary(run_id, True, old["n_tokens"], 0, 0, 0, time.time() - started)
+    else:
+        run.write_meta(manifest)
+
+    mine = range(manifest["n_shards"])
+    if settings.capture_task_id is not None:
+        mine = range(settings.capture_task_id, manifest["n_shards"], settings.capture_task_count)
+    done = run.completed_shards()
+    todo = [i for i in mine if i not in done]
+    _remove_my_stale_temporaries(run, set(mine))
+    if len(todo) < len(mine):
+        print(f"resuming run {run_id!r}: {len(mine) - len(todo)} of {len(mine)} shards already on disk",
+              file=sys.stderr)
+
+    per = settings.docs_per_shard
+    n_docs_todo = sum(min(per, len(texts) - i * per) for i in todo)
+    written = n_tokens = n_empty = size = 0
+    with tqdm(total=n_docs_todo, unit="doc", desc=f"capture {signature}", file=sys.stderr, dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30) as progress:
+        for index in todo:
+            rows = texts[index * per:(index + 1) * per][settings.text_field]
+            docs = [(index * per + j, t) for j, t in enumerate(rows) if isinstance(t, str) and t.strip()]
+            shard_empty = len(rows) - len(docs)
+            progress.update(shard_empty)
+            acts, prov = capturer.shard([t for _, t in docs], [d for d, _ in docs], progress) if docs else \
+                (torch.empty(0, d_model, dtype=DTYPES[settings.store_dtype]), torch.empty(0, 3, dtype=torch.int32))
+            info = {"index": index, "doc_start": index * per, "doc_stop": index * per + len(rows),
+                    "n_tokens": int(acts.shape[0]), "n_empty": shard_empty}
+            size += run.write_shard(index, signature, acts, prov, info)
+            written, n_tokens, n_empty = written + 1, n_tokens + int(acts.shape[0]), n_empty + shard_empty
+            if stop.requested and index != todo[-1]:
+                raise StopRequested(f"{stop.signal_name} received: saved {written} shard(s) of run {run_id!r}; "
+                                    f"rerun with --run_id {run_id} to continue")
+
+    final = _finalize_if_complete(run, store)
+    summary = CaptureSummary(run_id, final is not None, n_tokens, written, n_empty, size, time.time() - started)
+    _print_summary(summary, run, final, signature, d_model, settings)
+    return summary
+
+
+def _probe_width(capturer: Capturer) -> int:
+    """d_model as the hook actually sees it (one short forward), so non-standard hook points are measured, not guessed."""
+    tok = capturer.tokenizer
+    ids, mask = pad_batch([tok("probe")["input_ids"]], tok.pad_token_id, tok.padding_side == "left")
+    capturer.detector.keep, capturer.detector.captured = torch.ones_like(mask, dtype=torch.bool).to(capturer.device), None
+    with torch.inference_mode():
+        try:
+            capturer.lm.model(input_ids=ids.to(capturer.device), attention_mask=mask.to(capturer.device),
+                              use_cache=False)
+        except _StopForward:
+            pass
+    if capturer.detector.captured is None or capturer.detector.captured.ndim != 2:
+        raise PipelineError(f"the hook {capturer.detector.layer_signature!r} does not produce per-token activations; "
+                            "choose another LAYER_SIGNATURE")
+    return int(capturer.detector.captured.shape[-1])
+
+
+def _remove_my_stale_temporaries(run: ActivationRun, mine: set[int]) -> None:
+    """Temporaries of killed writers; in an array, only this task's own shards are touched."""
+    import shutil
+
+    for p in run.dir.glob(".tmp_batch_*"):
+        parts = p.name.split("_")
+        if len(parts) > 2 and parts[2].isdigit() and int(parts[2]) in mine:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _print_summary(summary: CaptureSummary, run: ActivationRun, final: dict[str, Any] | None, signature: str,
+                   d_model: int, settings: CaptureSettings) -> None:
+    rate = summary.n_tokens / summary.seconds if summary.seconds > 0 else 0.0
+    text = (f"Captured {summary.n_tokens:,} tokens (d_model {d_model}, {settings.store_dtype}) from {signature} into "
+            f"{summary.n_shards_written} shard(s), {summary.bytes_written / 2**20:,.1f} MiB, in "
+            f"{summary.seconds:,.1f} s ({rate:,.0f} tokens/s); {summary.n_empty} empty document(s) skipped. ")
+    if final is not None:
+        text += (f"Run {summary.run_id!r} is complete: {final['n_tokens']:,} tokens in {final['n_shards']} shards, "
+                 f"{final['bytes'] / 2**20:,.1f} MiB at {run.dir}; {run.store.root / 'run_id.txt'} points to it.")
+    else:
+        missing = run.read_meta()["n_shards"] - len(run.completed_shards())
+        text += (f"Run {summary.run_id!r} at {run.dir} still misses {missing} shard(s) of other array tasks; "
+                 "it is marked complete when the last one finishes.")
+    print(text, file=sys.stderr)
