@@ -34,9 +34,10 @@ def save_activations_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        settings = load_settings(CaptureSettings)  # before the heavy import: a bad variable fails in a blink
         from sae_pipeline.capture import save_activations
 
-        save_activations(load_settings(CaptureSettings), run_id=args.run_id)
+        save_activations(settings, run_id=args.run_id)
 
     exit_on_error(run)
 
@@ -49,9 +50,10 @@ def train_sae_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        settings = load_settings(TrainSettings)  # before the heavy import: a bad variable fails in a blink
         from sae_pipeline.train import train_sae
 
-        train_sae(load_settings(TrainSettings), run_id=args.run_id, sae_run_id=args.sae_run_id)
+        train_sae(settings, run_id=args.run_id, sae_run_id=args.sae_run_id)
 
     exit_on_error(run)
 
