@@ -203,9 +203,10 @@ def _finalize_if_complete(run: ActivationRun, store: Store) -> dict[str, Any] | 
     return meta
 
 
-def save_activations(settings: CaptureSettings, run_id: str | None = None) -> CaptureSummary:
+def save_activations(settings: CaptureSettings, run_id: str | None = None,
+                     stop: StopFlag | None = None) -> CaptureSummary:
     started = time.time()
-    stop = StopFlag().install()
+    stop = stop or StopFlag().install()
     store = Store(settings.store_dir)
     store.ensure_writable()
     run_id = validate_run_id(run_id or settings.run_id or new_run_id("act"), "--run_id" if run_id else "RUN_ID")

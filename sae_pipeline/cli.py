@@ -7,7 +7,7 @@ import sys
 from typing import Callable, NoReturn
 
 from sae_pipeline.errors import PipelineError
-from sae_pipeline.preemption import StopRequested
+from sae_pipeline.preemption import StopFlag, StopRequested
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
 
 
@@ -67,5 +67,23 @@ def discover_layers_main(argv: list[str] | None = None) -> None:
         from sae_pipeline.layers import discover
 
         discover(load_settings(CommonSettings), load=args.load)
+
+    exit_on_error(run)
+
+
+def evaluate_sae_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Step 3: evaluate a trained SAE (CE-loss recovered, "
+                                                 "reconstruction, feature browser).")
+    parser.add_argument("--sae_run_id", help="training run to evaluate (default: SAE_RUN_ID, else the one in "
+                                             "STORE_DIR/sae_run_id.txt)")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from sae_pipeline.settings import EvalSettings
+
+        settings = load_settings(EvalSettings)  # before the heavy import: a bad variable fails in a blink
+        from sae_pipeline.evaluate import evaluate_sae
+
+        evaluate_sae(settings, sae_run_id=args.sae_run_id)
 
     exit_on_error(run)

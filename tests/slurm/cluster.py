@@ -35,10 +35,10 @@ TERMINAL_STATES = {
     "PREEMPTED", "SPECIAL_EXIT",
 }
 
-# The fake node: 16 CPUs, ~250 GiB, 2 GPUs. Big enough for the seed's requests and for 4 capture tasks at once.
+# The fake node: 16 CPUs, ~250 GiB, 4 GPUs. Big enough for the seed's requests and for 4 capture tasks at once.
 NODE_CPUS = 16
 NODE_MEMORY_MB = 256000
-NODE_GPUS = 2
+NODE_GPUS = 4
 
 
 def _which(name: str) -> str | None:
@@ -272,9 +272,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     # ---------------------------------------------------------------- jobs
     def run(self, cmd: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
             check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        full_env = self.env
-        if env:
-            full_env.update(env)
+        full_env = dict(env) if env is not None else dict(os.environ)
+        full_env["SLURM_CONF"] = str(self.conf)
         proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise ClusterError(f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

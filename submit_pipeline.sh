@@ -1,0 +1,64 @@
+#!/bin/bash
+# Submit the whole pipeline: capture (step 1), then training (step 2) once capture succeeded.
+#
+#   ./submit_pipeline.sh [CAPTURE_SBATCH_ARGS...] [-- TRAIN_SBATCH_ARGS...]
+#
+#   ./submit_pipeline.sh                                     # the seed's settings
+#   DATA_LIMIT=5000 EPOCHS=5 ./submit_pipeline.sh            # pipeline variables, as for the single steps
+#   ./submit_pipeline.sh --array=0-7 -- --time=12:00:00      # capture as an 8-task array; training's own args
+#
+# Both jobs get one RUN_ID (and the training one SAE_RUN_ID), so pipelines sharing a store never mix: training
+# reads its activation run by id, not from run_id.txt. Training is submitted with --dependency=afterok on the
+# capture job (the whole array, when --array is given) and --kill-on-invalid-dep=yes: if capture fails, training
+# is cancelled instead of pending forever. If submit_evaluate_sae.sh exists, it is chained after training.
+# Prints run_id=, sae_run_id=, capture_job=, train_job= (and eval_job=) lines.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+: "${PIPELINE_DIR:=$here}"
+tag=$(date +%Y%m%d_%H%M%S)_$$
+: "${RUN_ID:=act_$tag}"
+: "${SAE_RUN_ID:=sae_$tag}"
+export PIPELINE_DIR RUN_ID SAE_RUN_ID
+
+capture_args=() train_args=()
+target=capture
+for arg in "$@"; do
+    if [ "$target" = capture ] && [ "$arg" = "--" ]; then target=train; continue; fi
+    if [ "$target" = capture ]; then capture_args+=("$arg"); else train_args+=("$arg"); fi
+done
+
+# An array's tasks get %A_%a log names (job id_task index) unless the caller chose the log names.
+is_array=0 has_output=0 has_error=0
+for arg in "${capture_args[@]+"${capture_args[@]}"}"; do
+    case $arg in
+        --array|--array=*|-a|-a?*) is_array=1 ;;
+        --output|--output=*|-o|-o?*) has_output=1 ;;
+        --error|--error=*|-e|-e?*) has_error=1 ;;
+    esac
+done
+if [ "$is_array" = 1 ]; then
+    [ "$has_output" = 1 ] || capture_args=(--output=sae_save_activations_%A_%a.out "${capture_args[@]}")
+    [ "$has_error" = 1 ] || capture_args=(--error=sae_save_activations_%A_%a.err "${capture_args[@]}")
+fi
+
+submit() {  # prints the job id
+    local out
+    out=$(sbatch --parsable "$@") || { echo "error: sbatch $* failed" >&2; return 1; }
+    printf '%s\n' "${out%%;*}"
+}
+
+capture_job=$(submit "${capture_args[@]+"${capture_args[@]}"}" "$PIPELINE_DIR/submit_save_activations.sh")
+train_job=$(submit --dependency="afterok:$capture_job" --kill-on-invalid-dep=yes \
+    "${train_args[@]+"${train_args[@]}"}" "$PIPELINE_DIR/submit_train_sae.sh")
+
+echo "run_id=$RUN_ID"
+echo "sae_run_id=$SAE_RUN_ID"
+echo "capture_job=$capture_job"
+echo "train_job=$train_job"
+if [ -f "$PIPELINE_DIR/submit_evaluate_sae.sh" ]; then
+    eval_job=$(submit --dependency="afterok:$train_job" --kill-on-invalid-dep=yes \
+        "$PIPELINE_DIR/submit_evaluate_sae.sh")
+    echo "eval_job=$eval_job"
+fi
+echo "logs in $PWD (sae_save_activations_*.out/.err, sae_train_*.out/.err); follow with: squeue -u ${USER:-\$USER}" >&2

@@ -1,0 +1,57 @@
+#!/bin/bash
+#SBATCH --job-name=sae_train
+#SBATCH --output=sae_train_%j.out
+#SBATCH --error=sae_train_%j.err
+#SBATCH --time=48:00:00
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=64G
+#SBATCH --gres=gpu:1
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#
+# Step 2 on SLURM: train a TopK SAE on an activation run (02_train_sae.py).
+#
+#   sbatch submit_train_sae.sh                            # trains on the run named in $STORE_DIR/run_id.txt
+#   RUN_ID=act_x EPOCHS=5 sbatch submit_train_sae.sh      # a given activation run, other settings
+#   sbatch --dependency=afterok:<capture job> submit_train_sae.sh   # or use submit_pipeline.sh
+#
+# Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). SAE_RUN_ID defaults to
+# sae_<cluster>_<job id>, which survives a requeue, so a preempted training resumes from its checkpoint.
+# See docs/slurm.md.
+
+# Find the project: SLURM runs a copy of this file from its spool dir, so $0 does not point into it.
+sae_find_project() {
+    local d cmd
+    if [ -n "${PIPELINE_DIR:-}" ]; then
+        [ -f "$PIPELINE_DIR/slurm/common.sh" ] && (cd "$PIPELINE_DIR" && pwd) && return 0
+        echo "error: PIPELINE_DIR=$PIPELINE_DIR is not the pipeline folder (no slurm/common.sh in it)" >&2
+        return 1
+    fi
+    cmd=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n 1)
+    for d in "${SLURM_SUBMIT_DIR:-}" "${cmd:+$(dirname "$cmd")}" "$(dirname "${BASH_SOURCE[0]}")"; do
+        [ -n "$d" ] && [ -f "$d/slurm/common.sh" ] && (cd "$d" && pwd) && return 0
+    done
+    echo "error: cannot find the pipeline folder; submit from it or set PIPELINE_DIR=/path/to/it" >&2
+    return 1
+}
+SAE_PROJECT_DIR=$(sae_find_project) || exit 2
+# shellcheck source=slurm/common.sh
+. "$SAE_PROJECT_DIR/slurm/common.sh"
+
+# The seed's example settings: defaults only, a value exported in the submitting shell wins.
+: "${EPOCHS:=20}"
+: "${BATCH_SIZE_TRAIN:=4096}"   # the seed had 64: far too few tokens per step for a good SAE (README, Training)
+: "${N_LATENTS_MULTIPLIER:=8}"
+: "${TOP_K:=8}"
+: "${DEVICE:=cuda}"
+: "${SAE_RUN_ID:=sae_${SLURM_CLUSTER_NAME:-slurm}_${SLURM_JOB_ID:-$(date +%Y%m%d_%H%M%S)}}"
+export EPOCHS BATCH_SIZE_TRAIN N_LATENTS_MULTIPLIER TOP_K DEVICE SAE_RUN_ID
+
+sae_load_modules
+sae_setup_python
+sae_default_store
+sae_log "store: $STORE_DIR, activation run: ${RUN_ID:-from $STORE_DIR/run_id.txt}, SAE run: $SAE_RUN_ID"
+sae_run_step "step 2 (train SAE)" 02_train_sae.py --sae_run_id "$SAE_RUN_ID"
