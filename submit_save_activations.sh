@@ -23,7 +23,7 @@
 # Wrapper variables: PIPELINE_DIR (the project folder, found automatically), VENV (a virtualenv; default
 # `uv run` in the project), SAE_MODULES (modules to load where `module` exists; default "python/3.10 cuda/11.8",
 # empty for none). RUN_ID defaults to act_<cluster>_<job id> (the array's job id for all of its tasks), so a
-# requeued job or task resumes the same run. See docs/slurm.md.
+# requeued job or task resumes the same run. See README.md, "Running on a SLURM cluster".
 
 # Find the project: SLURM runs a copy of this file from its spool dir, so $0 does not point into it.
 sae_find_project() {

@@ -20,7 +20,7 @@
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). SAE_RUN_ID defaults to
 # sae_<cluster>_<job id>, which survives a requeue, so a preempted training resumes from its checkpoint.
-# See docs/slurm.md.
+# See README.md, "Running on a SLURM cluster".
 
 # Find the project: SLURM runs a copy of this file from its spool dir, so $0 does not point into it.
 sae_find_project() {
