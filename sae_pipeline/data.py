@@ -32,7 +32,7 @@ def load_texts(name: str, split: str, text_field: str, limit: int, shuffle: bool
             dataset = datasets.load_dataset(name, split=split)
     except PipelineError:
         raise
-    except ValueError as exc:
+    except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as exc:  # empty or malformed file
         if "split" in str(exc).lower():
             raise PipelineError(f"DATA_SPLIT={split!r} is not a split of HF_DATASET={name!r}: {_first_line(exc)}") \
                 from None

@@ -44,6 +44,11 @@ class ReconstructionStats:
     """Streaming FVU, MSE, L0 and per-latent fire counts; accumulators stay on the data's device (no syncs)."""
 
     def __init__(self, d_in: int, n_latents: int, device: torch.device | str = "cpu"):
+        self.d_in, self.n_latents, self.device = d_in, n_latents, device
+        self.reset()
+
+    def reset(self) -> None:
+        d_in, n_latents, device = self.d_in, self.n_latents, self.device
         self.n = 0
         self.mean = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(d_in, dtype=torch.float64, device=device)  # Σ (x − mean)² per dimension
@@ -68,6 +73,29 @@ class ReconstructionStats:
         fired = z != 0
         self.nonzero += fired.sum()
         self.fire_counts += fired.sum(dim=0)
+
+    @torch.no_grad()
+    def merge(self, other: "ReconstructionStats") -> None:
+        """Add another accumulator's tokens (exact: the result equals one accumulator fed both streams)."""
+        if other.n == 0:
+            return
+        delta = other.mean - self.mean
+        total = self.n + other.n
+        self.mean += delta * (other.n / total)
+        self.m2 += other.m2 + delta.pow(2) * (self.n * other.n / total)
+        self.n = total
+        self.sse += other.sse
+        self.nonzero += other.nonzero
+        self.fire_counts += other.fire_counts
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"n": torch.tensor(self.n), "mean": self.mean, "m2": self.m2, "sse": self.sse,
+                "nonzero": self.nonzero, "fire_counts": self.fire_counts}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.n = int(state["n"])
+        for name in ("mean", "m2", "sse", "nonzero", "fire_counts"):
+            getattr(self, name).copy_(state[name])
 
     def result(self) -> dict[str, float]:
         if self.n == 0:

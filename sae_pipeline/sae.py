@@ -73,7 +73,8 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
         return self.dictionary._weights
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+        """(x − b_dec) W_encᵀ + b_enc, written so autograd needs no [batch, n_latents] x [n_latents, d] input grad."""
+        return F.linear(x, self.W_enc, self.b_enc - self.W_enc @ self.b_dec)
 
     def select(self, pre: torch.Tensor) -> torch.Tensor:
         """Sparse codes from pre-activations: ReLU then TopK per token, or BatchTopK over the batch."""
@@ -102,8 +103,16 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pre, z = self.encode(x)
-        return pre, z, self.decode(z)
+        """(pre-activations, codes, reconstruction); TopK decodes sparsely (k rows per token, not all latents)."""
+        pre = self.pre_acts(x)
+        if self.architecture != "topk":
+            z = self.select(pre)
+            return pre, z, self.decode(z)
+        top = F.relu(pre).topk(self.top_k, dim=-1, sorted=False)
+        z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        x_hat = F.embedding_bag(top.indices, self.W_dec.to(top.values.dtype), per_sample_weights=top.values,
+                                mode="sum") + self.b_dec
+        return pre, z, x_hat
 
     @torch.no_grad()
     def initialize(self, b_dec: torch.Tensor, seed: int) -> None:

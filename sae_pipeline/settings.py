@@ -96,7 +96,7 @@ class TrainSettings(CommonSettings):
     epochs: int = Field(10, ge=1, description="passes over the training tokens")
     batch_size_train: int = Field(4096, ge=1, description="tokens per optimisation step (the seed used 32, "
                                                           "far too few for a good SAE)")
-    lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate (Adam)")
+    lr: float = Field(8e-3, gt=0, le=1, description="peak learning rate (Adam); 8e-3 measured best in benchmarks/RESULTS.md")
     lr_warmup_fraction: float = Field(0.05, ge=0, le=0.5,
                                       description="fraction of the steps with a linear learning-rate warm-up")
     lr_decay_fraction: float = Field(0.2, ge=0, le=1,
@@ -107,7 +107,7 @@ class TrainSettings(CommonSettings):
                                                         "(Gao et al. 2024; 0 disables)")
     dead_tokens_window: int = Field(10_000_000, ge=1,
                                     description="a latent is dead if it did not fire in this many training tokens "
-                                                "(capped at a tenth of the run's training tokens)")
+                                                "(capped at a tenth of all tokens trained on, so short runs get one)")
     grad_clip: float = Field(1.0, ge=0, description="gradient-norm clipping threshold (0 disables)")
     amp_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="autocast dtype on CUDA (float32 disables autocast; CPU always runs float32)")
@@ -151,3 +151,29 @@ def load_settings(cls: type[BaseSettings]) -> BaseSettings:
         field = cls.model_fields.get(name.lower())
         hint = f" ({field.description})" if field is not None and field.description else ""
         raise PipelineError(f"{name}={os.environ.get(name, '')!r} is not valid: {err['msg']}{hint}") from None
+
+
+class EvalSettings(CommonSettings):
+    """Variables of step 3 (03_evaluate_sae.py). The layer, hook side, special-token rule and max length come from
+    the training and activation runs; MODEL_ID defaults to the activation run's model when it is not set."""
+
+    sae_run_id: str | None = Field(None, min_length=1,
+                                   description="training run to evaluate (same as --sae_run_id; default: the one "
+                                               "in STORE_DIR/sae_run_id.txt)")
+    eval_limit: int = Field(200, ge=1, description="held-out documents evaluated: the rows after the ones capture "
+                                                   "used (DATA_LIMIT), or the first rows of EVAL_DATASET")
+    eval_dataset: str | None = Field(None, min_length=1,
+                                     description="evaluate on this hub dataset or local file instead "
+                                                 "(default: the activation run's dataset, past the captured rows)")
+    eval_split: str | None = Field(None, min_length=1, description="split of EVAL_DATASET (default: train; "
+                                                                    "without EVAL_DATASET the run's split)")
+    eval_text_field: str | None = Field(None, min_length=1,
+                                        description="text column of EVAL_DATASET (default: the run's TEXT_FIELD)")
+    batch_size_eval: int = Field(8, ge=1, description="documents per forward pass in evaluation")
+    eval_scan_tokens: int = Field(1_000_000, ge=1,
+                                  description="stored tokens of the activation run read for the feature browser "
+                                              "(top contexts, frequencies) and the mean-ablation mean")
+    browser_latents: int = Field(100, ge=0, description="latents shown in detail in the feature browser "
+                                                        "(the most frequently firing ones; all are listed)")
+    browser_contexts: int = Field(10, ge=1, le=100, description="top-activating contexts shown per latent")
+    browser_window: int = Field(12, ge=1, le=64, description="tokens shown on each side of an activating token")

@@ -1,0 +1,113 @@
+"""Speed of step 2's trainer against a bare PyTorch TopK SAE loop on in-memory tensors of the same shape.
+
+Ours: ``train_sae`` as step 2 runs it, reading the activation run's shards from disk through the shuffled loader,
+with AuxK bookkeeping, metrics, checkpoints and the progress bar; tokens/s of its training loop (meta.json's
+``elapsed_s`` covers the loop only, not the held-out evaluation and exports). Bare: the same model maths
+(b_dec, TopK, dense decode, FVU loss, Adam, decoder renormalisation) on a random permutation of an in-memory
+float32 tensor, nothing else. The ratio ours/bare is the overhead of everything the pipeline adds (target >= 0.8).
+
+Run: ``uv run python benchmarks/train_speed.py`` (default: a synthetic run of d=384, 200k tokens in bf16 shards;
+``--run minilm_l3 --store store/bench`` reuses train_quality.py's activations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sae_pipeline.metrics import fvu  # noqa: E402
+from sae_pipeline.settings import TrainSettings  # noqa: E402
+from sae_pipeline.store import ActivationRun, Store  # noqa: E402
+from sae_pipeline.train import train_sae  # noqa: E402
+from sae_pipeline.train_data import TokenLoader  # noqa: E402
+
+LAYER = "synthetic_layer"
+
+
+def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_000) -> str:
+    run_id = f"speed_d{d}_n{n_tokens}"
+    run = ActivationRun(store, run_id)
+    if run.is_complete():
+        return run_id
+    run.dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for i, start in enumerate(range(0, n_tokens, shard_tokens)):
+        n = min(shard_tokens, n_tokens - start)
+        acts = (torch.randn(n, d, generator=gen) + torch.randn(d, generator=gen)).to(torch.bfloat16)
+        run.write_shard(i, LAYER, acts, torch.zeros(n, 3, dtype=torch.int32), {"n_tokens": n})
+    run.write_meta({"kind": "activations", "status": "complete", "run_id": run_id, "model_id": "synthetic",
+                    "layer_signature": LAYER, "hook_side": "output", "d_model": d, "store_dtype": "bfloat16",
+                    "n_tokens": n_tokens, "n_shards": i + 1, "n_documents": 0, "dataset": {}, "max_length": 0,
+                    "seed": 0, "versions": {}})
+    return run_id
+
+
+def bare_loop(x_all: torch.Tensor, n_latents: int, k: int, batch: int, lr: float) -> float:
+    """tokens/s of a minimal TopK SAE training loop over one pass of ``x_all`` (in memory, float32)."""
+    d = x_all.shape[1]
+    torch.manual_seed(0)
+    w_dec = torch.randn(n_latents, d)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    w_dec.requires_grad_(True)
+    w_enc = w_dec.detach().clone().requires_grad_(True)
+    b_enc = torch.zeros(n_latents, requires_grad=True)
+    b_dec = x_all[:4096].mean(0).clone().requires_grad_(True)
+    opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=lr)
+    perm = torch.randperm(x_all.shape[0])
+    t = time.perf_counter()
+    for s in range(0, x_all.shape[0], batch):
+        x = x_all[perm[s:s + batch]]
+        pre = torch.nn.functional.linear(x - b_dec, w_enc, b_enc)
+        top = torch.relu(pre).topk(k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        loss = fvu(x, z @ w_dec + b_dec)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            w_dec /= w_dec.norm(dim=1, keepdim=True)
+    return x_all.shape[0] / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", default=str(REPO / "store" / "bench"))
+    p.add_argument("--run", default=None, help="existing activation run (default: a synthetic one)")
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    args = p.parse_args()
+    store = Store(Path(args.store))
+    run_id = args.run or synthetic_run(store, args.d, args.tokens)
+    meta = ActivationRun(store, run_id).read_meta()
+    d, layer = int(meta["d_model"]), meta["layer_signature"]
+    settings = TrainSettings(store_dir=store.root, top_k=args.k, epochs=1, batch_size_train=args.batch,
+                             device="cpu", checkpoint_every_steps=10_000, log_every_steps=50)
+    loader = TokenLoader(ActivationRun(store, run_id), layer, d, args.batch, settings.holdout_fraction, 0, 1 << 20)
+    x_all = torch.cat([b.float() for b in loader.iter_epoch(0)])  # the same training tokens, in memory
+
+    bare = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr)
+    out = train_sae(settings, run_id, f"speed_{run_id}_k{args.k}_{time.strftime('%H%M%S')}")
+    m = json.loads((out / "meta.json").read_text())
+    ours = m["tokens_trained"] / m["elapsed_s"]
+    bare2 = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr)  # again, to bracket machine noise
+    print(json.dumps({"d_in": d, "n_latents": 4 * d, "k": args.k, "batch": args.batch,
+                      "tokens": m["tokens_trained"], "ours_tokens_per_s": round(ours),
+                      "bare_tokens_per_s": [round(bare), round(bare2)],
+                      "ratio": round(ours / ((bare + bare2) / 2), 3), "threads": torch.get_num_threads(),
+                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                      "date": time.strftime("%Y-%m-%d")}))
+
+
+if __name__ == "__main__":
+    main()
