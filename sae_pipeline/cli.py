@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -51,9 +52,14 @@ def train_sae_main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         settings = load_settings(TrainSettings)  # before the heavy import: a bad variable fails in a blink
+        from sae_pipeline.distributed import Dist
         from sae_pipeline.train import train_sae
 
-        train_sae(settings, run_id=args.run_id, sae_run_id=args.sae_run_id)
+        dist = Dist.from_env(os.environ)  # the one place that reads torchrun's WORLD_SIZE/RANK/LOCAL_RANK
+        try:
+            train_sae(settings, run_id=args.run_id, sae_run_id=args.sae_run_id, dist=dist)
+        finally:
+            dist.close()
 
     exit_on_error(run)
 
@@ -61,12 +67,13 @@ def train_sae_main(argv: list[str] | None = None) -> None:
 def discover_layers_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Show a model's layers and which one to hook.")
     parser.add_argument("--load", action="store_true", help="load the weights and list the hook names")
+    parser.add_argument("--all", action="store_true", help="list every hook name, not only the per-block ones")
     args = parser.parse_args(argv)
 
     def run() -> None:
         from sae_pipeline.layers import discover
 
-        discover(load_settings(CommonSettings), load=args.load)
+        discover(load_settings(CommonSettings), load=args.load, show_all=args.all)
 
     exit_on_error(run)
 

@@ -65,7 +65,7 @@ def meta_model(config: PretrainedConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def discover(settings, load: bool = False) -> None:
+def discover(settings, load: bool = False, show_all: bool = False) -> None:
     """Print what a user needs to choose LAYER_NUM / LAYER_SIGNATURE."""
     config = load_config(settings.model_id)
     n_layers, d_model = num_layers(config), hidden_size(config)
@@ -73,28 +73,35 @@ def discover(settings, load: bool = False) -> None:
     print(f"architecture: {', '.join(getattr(config, 'architectures', None) or [type(config).__name__])}")
     print(f"layers:       {n_layers if n_layers is not None else 'unknown'}")
     print(f"hidden size:  {d_model if d_model is not None else 'unknown'} (d_model of the stored activations)")
-    if n_layers:
-        print(f"suggested:    LAYER_NUM={n_layers // 2} (the middle layer)")
     if load:
         from sae_pipeline.model import load_language_model, resolve_device, resolve_dtype
 
         device = resolve_device(settings.device)
         lm = load_language_model(settings.model_id, settings.store_dir, device,
                                  resolve_dtype(settings.model_dtype, device, config))
-        names = lm.layers.get_layer_names()
-        source = "loaded model"
+        names, source = lm.layers.get_layer_names(), "the loaded model"
     else:
-        names = layer_names(meta_model(config))
-        source = "config, no weights"
-    hooks = site_names(names)
-    kind = f"{SITE} hook names" if hooks else "block hook names (no post_attention_layernorm here)"
-    hooks = hooks or block_names(names)
-    print(f"\n{kind} ({len(hooks)}, from the {source}):")
-    for name in hooks:
-        print(f"  {name}")
-    if hooks and n_layers:
-        middle = [n for n in hooks if re.search(rf"_{n_layers // 2}(_{SITE})?$", n)]
-        if middle:
-            print(f"\nto hook the middle layer: LAYER_NUM={n_layers // 2}  (or LAYER_SIGNATURE={middle[0]})")
-    print(f"\nall {len(names)} hook names: run with --load to list them from the loaded model, "
-          "or pass any of them as LAYER_SIGNATURE")
+        names, source = layer_names(meta_model(config)), "the config, no weights loaded"
+    sites, blocks = site_names(names), block_names(names)
+    middle = n_layers // 2 if n_layers else None
+    if show_all:
+        print(f"\nall {len(names)} hook names (from {source}):")
+        for name in names:
+            print(f"  {name}")
+    elif sites:
+        print(f"\n{SITE} hook names ({len(sites)}, from {source}):")
+        for name in sites:
+            print(f"  {name}")
+    else:
+        print(f"\nno {SITE} here; block hook names ({len(blocks)}, from {source}):")
+        for name in blocks:
+            print(f"  {name}")
+    if middle is not None and sites:
+        print(f"\nsuggested: LAYER_NUM={middle} (the middle layer)")
+    elif middle is not None:
+        wanted = [n for n in blocks if BLOCK_PATTERN.search(n) and BLOCK_PATTERN.search(n).group(2) == str(middle)]
+        if wanted:
+            print(f"\nsuggested: LAYER_SIGNATURE={wanted[0]} (the middle block; LAYER_NUM only names "
+                  f"{SITE} hooks)")
+    if not show_all:
+        print(f"\nany of the {len(names)} hook names can be given as LAYER_SIGNATURE; --all lists them")

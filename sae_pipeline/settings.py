@@ -47,6 +47,15 @@ class CommonSettings(BaseSettings):
                                            "later steps: the one in STORE_DIR/run_id.txt)")
 
 
+def _slurm_int(name: str, default: int | None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not value.strip().isdigit():
+        raise ValueError(f"{name}={value!r} is not valid: SLURM sets it to a task number (an integer)")
+    return int(value)
+
+
 class CaptureSettings(CommonSettings):
     """Variables of step 1 (01_save_activations.py)."""
 
@@ -73,9 +82,10 @@ class CaptureSettings(CommonSettings):
     def _array_task(self) -> "CaptureSettings":
         """In a SLURM array each task captures its own shards of the one run: derive the part from SLURM."""
         if self.capture_task_id is None and self.capture_task_count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            last = int(os.environ.get("SLURM_ARRAY_TASK_MAX", os.environ["SLURM_ARRAY_TASK_ID"]))
-            object.__setattr__(self, "capture_task_id", int(os.environ["SLURM_ARRAY_TASK_ID"]) - first)
+            task = _slurm_int("SLURM_ARRAY_TASK_ID", None)
+            first = _slurm_int("SLURM_ARRAY_TASK_MIN", 0)
+            last = _slurm_int("SLURM_ARRAY_TASK_MAX", task)
+            object.__setattr__(self, "capture_task_id", task - first)
             object.__setattr__(self, "capture_task_count", last - first + 1)
         if (self.capture_task_id is None) != (self.capture_task_count is None):
             raise ValueError("CAPTURE_TASK_ID and CAPTURE_TASK_COUNT must be set together")

@@ -1,0 +1,164 @@
+"""model.py: DEVICE and dtype resolution, MODEL_ID checks, and loading the model through mi_crow."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig
+
+from sae_pipeline import model as model_mod
+from sae_pipeline.errors import PipelineError
+from sae_pipeline.layers import layer_names, meta_model
+from sae_pipeline.model import (
+    check_model_id, ensure_pad_token, hidden_size, load_config, load_language_model, num_layers, resolve_device,
+    resolve_dtype,
+)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """Whatever this machine has, behave as a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+# ---------------------------------------------------------------------------------------------------- device
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_without_cuda_names_device(no_cuda, name):
+    with pytest.raises(PipelineError) as info:
+        resolve_device(name)
+    msg = str(info.value)
+    assert msg.startswith(f"DEVICE={name!r}") and "CUDA is not available" in msg and "DEVICE=cpu" in msg
+
+
+def test_cuda_index_past_the_visible_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(PipelineError, match=r"DEVICE='cuda:1' but only 1 CUDA device"):
+        resolve_device("cuda:1")
+
+
+def test_auto_picks_cuda_only_when_present(monkeypatch, no_cuda):
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+
+
+def test_cpu_and_missing_mps(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(PipelineError, match=r"DEVICE='mps'"):
+        resolve_device("mps")
+
+
+# ---------------------------------------------------------------------------------------------------- dtype
+
+def _config(dtype=None) -> LlamaConfig:
+    cfg = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg.dtype = dtype
+    return cfg
+
+
+@pytest.mark.parametrize("setting, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                                ("float32", torch.float32)])
+def test_explicit_dtype_wins(setting, expected):
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        assert resolve_dtype(setting, device, _config(torch.bfloat16)) is expected
+
+
+def test_auto_is_float32_on_cpu():
+    assert resolve_dtype("auto", torch.device("cpu"), _config(torch.bfloat16)) is torch.float32
+
+
+@pytest.mark.parametrize("stored, expected", [(torch.bfloat16, torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                              ("float16", torch.float16), (None, torch.float32),
+                                              ("int8", torch.float32)])
+def test_auto_on_gpu_is_the_checkpoint_dtype(stored, expected):
+    assert resolve_dtype("auto", torch.device("cuda", 0), _config(stored)) is expected
+
+
+# ---------------------------------------------------------------------------------------------------- MODEL_ID
+
+@pytest.mark.parametrize("model_id", ["/no/such/model", "./missing/model/dir", "../x/y/z", "bad id with spaces",
+                                      "org/name/extra", "a--b/c", "org/"])
+def test_model_id_neither_dir_nor_hub_id(model_id):
+    with pytest.raises(PipelineError) as info:
+        check_model_id(model_id)
+    msg = str(info.value)
+    assert msg.startswith(f"MODEL_ID={model_id!r}") and "hub id" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("model_id", ["speakleash/Bielik-1.5B-v3.0-Instruct", "gpt2", "org/model.v2_x-y"])
+def test_valid_hub_ids_pass_the_check(model_id):
+    check_model_id(model_id)  # no network needed: only the form is checked
+
+
+def test_existing_folder_without_config(tmp_path):
+    with pytest.raises(PipelineError, match=r"MODEL_ID=.*without config.json"):
+        check_model_id(str(tmp_path))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(PipelineError, match=r"MODEL_ID=.*without config.json"):
+        check_model_id(str(f))
+
+
+def test_local_model_dir_passes(tiny_model):
+    check_model_id(str(tiny_model))
+    cfg = load_config(str(tiny_model))
+    assert (num_layers(cfg), hidden_size(cfg)) == (4, 64)
+
+
+def test_sizes_of_other_config_spellings():
+    assert num_layers(types.SimpleNamespace(n_layer=3)) == 3
+    assert num_layers(types.SimpleNamespace(num_layers=5)) == 5
+    assert hidden_size(types.SimpleNamespace(d_model=7)) == 7
+    assert num_layers(types.SimpleNamespace()) is None and hidden_size(types.SimpleNamespace()) is None
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def test_load_language_model_on_cpu(tiny_model, tmp_path):
+    lm = load_language_model(str(tiny_model), tmp_path / "store", torch.device("cpu"), torch.float32)
+    assert not lm.model.training
+    assert next(lm.model.parameters()).dtype is torch.float32
+    assert lm.layers.get_layer_names() == layer_names(meta_model(load_config(str(tiny_model))))
+    tok = lm.tokenizer
+    assert (tok.bos_token_id, tok.pad_token_id, tok.padding_side) == (1, 2, "left")
+
+
+def test_load_language_model_in_bf16(tiny_model, tmp_path):
+    lm = load_language_model(str(tiny_model), tmp_path / "store", torch.device("cpu"), torch.bfloat16)
+    assert next(lm.model.parameters()).dtype is torch.bfloat16
+
+
+def test_load_error_is_one_line_naming_model_id(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')  # no weights, no tokenizer
+    with pytest.raises(PipelineError) as info:
+        load_language_model(str(folder), tmp_path / "store", torch.device("cpu"), torch.float32)
+    assert str(info.value).startswith(f"MODEL_ID={str(folder)!r} could not be loaded")
+    assert "\n" not in str(info.value)
+
+
+def test_ensure_pad_token(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.pad_token = None
+    ensure_pad_token(tok)
+    assert tok.pad_token_id == tok.eos_token_id == 2
+    bare = types.SimpleNamespace(pad_token_id=None, eos_token=None)
+    with pytest.raises(PipelineError, match="neither a pad nor an EOS"):
+        ensure_pad_token(bare)
+
+
+def test_load_error_helper_uses_the_cause():
+    inner = OSError("401 gated repo\nmore detail")
+    outer = RuntimeError("wrapper")
+    outer.__cause__ = inner
+    err = model_mod._load_error("org/x", outer)
+    assert "401 gated repo" in str(err) and "more detail" not in str(err) and "HF_TOKEN" in str(err)
