@@ -106,7 +106,8 @@ class TrainSettings(CommonSettings):
     epochs: int = Field(10, ge=1, description="passes over the training tokens")
     batch_size_train: int = Field(4096, ge=1, description="tokens per optimisation step (the seed used 32, "
                                                           "far too few for a good SAE)")
-    lr: float = Field(8e-3, gt=0, le=1, description="peak learning rate (Adam); 8e-3 measured best in benchmarks/RESULTS.md")
+    lr: float = Field(6e-3, gt=0, le=1,
+                      description="peak learning rate (Adam); chosen by the sweep in benchmarks/RESULTS.md")
     lr_warmup_fraction: float = Field(0.05, ge=0, le=0.5,
                                       description="fraction of the steps with a linear learning-rate warm-up")
     lr_decay_fraction: float = Field(0.2, ge=0, le=1,
