@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from sae_pipeline.metrics import fvu
+from sae_pipeline.settings import TrainSettings
+from sae_pipeline.store import ActivationRun, Store
+from sae_pipeline.train import train_sae
+from sae_pipeline.train_data import TokenLoader
 
-from sae_pipeline.metrics import fvu  # noqa: E402
-from sae_pipeline.settings import TrainSettings  # noqa: E402
-from sae_pipeline.store import ActivationRun, Store  # noqa: E402
-from sae_pipeline.train import train_sae  # noqa: E402
-from sae_pipeline.train_data import TokenLoader  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 LAYER = "synthetic_layer"
 
@@ -52,29 +50,32 @@ def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_00
 
 
 def bare_loop(x_all: torch.Tensor, n_latents: int, k: int, batch: int, lr: float) -> float:
-    """tokens/s of a minimal TopK SAE training loop over one pass of ``x_all`` (in memory, float32)."""
-    d = x_all.shape[1]
+    """tokens/s of a minimal TopK SAE training loop over one pass of ``x_all`` (in memory, on its device)."""
+    d, device = x_all.shape[1], x_all.device
     torch.manual_seed(0)
-    w_dec = torch.randn(n_latents, d)
+    w_dec = torch.randn(n_latents, d, device=device)
     w_dec /= w_dec.norm(dim=1, keepdim=True)
     w_dec.requires_grad_(True)
     w_enc = w_dec.detach().clone().requires_grad_(True)
-    b_enc = torch.zeros(n_latents, requires_grad=True)
+    b_enc = torch.zeros(n_latents, device=device, requires_grad=True)
     b_dec = x_all[:4096].mean(0).clone().requires_grad_(True)
     opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=lr)
-    perm = torch.randperm(x_all.shape[0])
+    perm = torch.randperm(x_all.shape[0], device=device)
     t = time.perf_counter()
     for s in range(0, x_all.shape[0], batch):
         x = x_all[perm[s:s + batch]]
-        pre = torch.nn.functional.linear(x - b_dec, w_enc, b_enc)
-        top = torch.relu(pre).topk(k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
-        loss = fvu(x, z @ w_dec + b_dec)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pre = torch.nn.functional.linear(x - b_dec, w_enc, b_enc)
+            top = torch.relu(pre).topk(k, dim=-1)
+            z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+            loss = fvu(x, z @ w_dec + b_dec)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             w_dec /= w_dec.norm(dim=1, keepdim=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return x_all.shape[0] / (time.perf_counter() - t)
 
 
@@ -86,15 +87,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     store = Store(Path(args.store))
     run_id = args.run or synthetic_run(store, args.d, args.tokens)
     meta = ActivationRun(store, run_id).read_meta()
     d, layer = int(meta["d_model"]), meta["layer_signature"]
     settings = TrainSettings(store_dir=store.root, top_k=args.k, epochs=1, batch_size_train=args.batch,
-                             device="cpu", checkpoint_every_steps=10_000, log_every_steps=50)
+                             device=args.device, checkpoint_every_steps=10_000, log_every_steps=50)
     loader = TokenLoader(ActivationRun(store, run_id), layer, d, args.batch, settings.holdout_fraction, 0, 1 << 20)
-    x_all = torch.cat([b.float() for b in loader.iter_epoch(0)])  # the same training tokens, in memory
+    x_all = torch.cat([b.float() for b in loader.iter_epoch(0)]).to(args.device)  # the same tokens, in memory
 
     bare = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr)
     out = train_sae(settings, run_id, f"speed_{run_id}_k{args.k}_{time.strftime('%H%M%S')}")
