@@ -17,6 +17,13 @@ AuxK (Gao et al. 2024): e = (x − x̂) detached; ê = W_dec · TopK_{k_aux}(pre
 b_dec; loss = Σ‖e − ê‖² / Σ‖e − mean e‖² (normalised like the main FVU loss) x min(n_dead / k_aux, 1), with
 k_aux = d_in / 2. A latent is dead when it has not fired in the last DEAD_TOKENS_WINDOW training tokens, a window
 capped at a tenth of the run's training tokens so that short runs get one too (meta.json records the one used).
+
+Several processes (torchrun; ``dist`` from the cli layer, see distributed.py and docs/multi_gpu.md): every rank holds
+the whole SAE and trains on its part of each global step's batch (train_data.py says which tokens); one all-reduce
+per step makes gradients, dead-latent counters, logged loss, BatchTopK threshold and the stop flag global, so every
+rank steps identically and stops at the same step. Metrics are merged across ranks, so history.json is the global
+one. Every rank loads the checkpoint; rank 0 alone writes checkpoints and outputs while the others wait at a
+barrier. With one process nothing of this runs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 
 import torch
 
+from sae_pipeline.distributed import Dist
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.export import export_saelens
 from sae_pipeline.metrics import ReconstructionStats, dead_fraction, fvu
@@ -52,8 +60,10 @@ AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: str | None = None,
-              stop: StopFlag | None = None) -> Path:
-    """Train (or resume) one SAE; returns its folder STORE_DIR/runs/<sae_run_id>."""
+              stop: StopFlag | None = None, dist: Dist | None = None) -> Path:
+    """Train (or resume) one SAE; returns its folder STORE_DIR/runs/<sae_run_id>. ``dist``: this process's place
+    in a torchrun launch (default: the only process)."""
+    dist = dist or Dist()
     store = Store(settings.store_dir)
     run_id = validate_run_id(run_id or settings.run_id or store.read_pointer(RUN_ID_FILE))
     run, act_meta = open_complete_run(store, run_id)
@@ -66,15 +76,17 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
     out = store.run_dir(sae_run_id)
     store.ensure_writable()
     if _finished(out, sae_run_id):
-        store.write_pointer(sae_run_id, SAE_RUN_ID_FILE)
-        print(f"training run {sae_run_id!r} is already finished ({out}); nothing to do", file=sys.stderr)
+        if dist.is_main:
+            store.write_pointer(sae_run_id, SAE_RUN_ID_FILE)
+            print(f"training run {sae_run_id!r} is already finished ({out}); nothing to do", file=sys.stderr)
         return out
 
-    from sae_pipeline.model import resolve_device  # imports transformers: only once the inputs are known good
+    device = dist.device(settings.device)  # imports transformers: only once the inputs are known good
+    dist.init(device)
+    dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
 
-    device = resolve_device(settings.device)
     loader = TokenLoader(run, layer, d_in, settings.batch_size_train, settings.holdout_fraction, settings.seed,
-                         settings.shuffle_buffer_tokens)
+                         settings.shuffle_buffer_tokens, dist.rank, dist.world_size)
     total_steps = loader.steps_per_epoch * settings.epochs
     window = min(settings.dead_tokens_window, max(settings.batch_size_train, loader.n_train * settings.epochs // 10))
     config = {**{k: v for k, v in settings.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE},
@@ -95,7 +107,7 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
                              "history": {"steps": [], "epochs": []}}
 
     ckpt_path = out / CHECKPOINT_FILE
-    for stale in out.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # left by a kill during a checkpoint write
+    for stale in out.glob(f".{CHECKPOINT_FILE}.*.tmp") if dist.is_main else ():  # left by a kill mid-write
         stale.unlink(missing_ok=True)
     if ckpt_path.is_file():
         ckpt = load_torch_file(ckpt_path)
@@ -107,44 +119,49 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
             scaler.load_state_dict(ckpt["scaler"])
         since_fired.copy_(ckpt["since_fired"])
         epoch_stats.load_state_dict(ckpt["epoch_stats"])
-        log_stats.load_state_dict(ckpt["log_stats"])
+        if dist.is_main:  # it holds every rank's tokens since the last log line; the other ranks start empty
+            log_stats.load_state_dict(ckpt["log_stats"])
         sums.copy_(ckpt["sums"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-        print(f"resumed from step {state['step']} of {total_steps} (epoch {state['epoch'] + 1}) "
-              f"using {ckpt_path}", file=sys.stderr)
+        if dist.is_main:
+            print(f"resumed from step {state['step']} of {total_steps} (epoch {state['epoch'] + 1}) "
+                  f"using {ckpt_path}", file=sys.stderr)
     else:
         torch.manual_seed(settings.seed)
         eng.initialize(geometric_median(loader.sample(B_DEC_SAMPLE_TOKENS).float()), settings.seed)
-        _write_meta(out, {"status": "running", "sae_run_id": sae_run_id, "activation_run_id": run_id,
-                          "config": config, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        dist.broadcast_module(eng)  # rank 0's b_dec (from its own sample) on every rank
+        if dist.is_main:
+            _write_meta(out, {"status": "running", "sae_run_id": sae_run_id, "activation_run_id": run_id,
+                              "config": config, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def save_checkpoint() -> None:
-        atomic_torch_save({"config": config, "model": eng.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                           "since_fired": since_fired, "epoch_stats": epoch_stats.state_dict(),
-                           "log_stats": log_stats.state_dict(), "sums": sums,
-                           "rng": torch.get_rng_state(),
-                           "state": {**state, "elapsed_s": state["elapsed_s"] + time.time() - t_start}}, ckpt_path)
-
-    def log_stats_into(target: ReconstructionStats) -> None:
-        target.merge(log_stats)
-        log_stats.reset()
+        pending = dist.gather_stats(log_stats)  # every rank's tokens since the last log line
+        if dist.is_main:
+            atomic_torch_save({"config": config, "model": eng.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                               "since_fired": since_fired, "epoch_stats": epoch_stats.state_dict(),
+                               "log_stats": pending.state_dict(), "sums": sums,
+                               "rng": torch.get_rng_state(),
+                               "state": {**state, "elapsed_s": state["elapsed_s"] + time.time() - t_start}},
+                              ckpt_path)
 
     def log_line() -> dict[str, Any]:
         n = max(float(sums[2]), 1.0)
+        stats = dist.gather_stats(log_stats)  # log_stats itself with one process
         entry = {"step": state["step"], "epoch": state["epoch"], "tokens": state["tokens"],
-                 "loss": float(sums[0]) / n, "auxk_loss": float(sums[1]) / n, **_round(log_stats.result()),
+                 "loss": float(sums[0]) / n, "auxk_loss": float(sums[1]) / n, **_round(stats.result()),
                  "dead_fraction": dead_fraction(since_fired, window), "lr": sched.get_last_lr()[0]}
         sums[:3] = 0
-        log_stats_into(epoch_stats)
+        epoch_stats.merge(stats)
+        log_stats.reset()
         return entry
 
-    wandb_run = _start_wandb(settings, sae_run_id, config)
+    wandb_run = _start_wandb(settings, sae_run_id, config) if dist.is_main else None
     stop = stop or StopFlag().install()
     k_aux = max(d_in // 2, 1)
     t_start = time.time()
-    progress = _progress(loader.n_train * settings.epochs, state["tokens"], sae_run_id)
+    progress = _progress(loader.n_train * settings.epochs, state["tokens"], sae_run_id, disable=not dist.is_main)
     eng.train()
     while state["epoch"] < settings.epochs:
         for batch in loader.iter_epoch(state["epoch"], state["step_in_epoch"]):
@@ -158,6 +175,11 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
             loss = main + settings.auxk_alpha * aux + settings.l1_lambda * z.abs().mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if dist.enabled:  # before unscale_: every rank then sees the same gradients (and inf check)
+                fired, loss_v, aux_v, n_tokens, stopping = _all_reduce_step(dist, eng, x, z, loss, aux, stop)
+            else:
+                fired, loss_v, aux_v, n_tokens, stopping = (z != 0).any(dim=0), loss.detach(), aux.detach(), \
+                    x.shape[0], None
             scaler.unscale_(opt)
             eng.remove_parallel_gradient()
             if settings.grad_clip > 0:
@@ -167,14 +189,13 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
             sched.step()
             eng.normalize_decoder()
 
-            fired = (z != 0).any(dim=0)
-            since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+            since_fired.add_(n_tokens).masked_fill_(fired, 0)
             log_stats.update(x, x_hat.detach(), z.detach())
-            sums += torch.stack([loss.detach(), aux.detach(), loss.new_ones(()), loss.detach()]).double()
+            sums += torch.stack([loss_v, aux_v, loss.new_ones(()), loss_v]).double()
             state["step"] += 1
             state["step_in_epoch"] += 1
-            state["tokens"] += x.shape[0]
-            progress.update(x.shape[0])
+            state["tokens"] += n_tokens
+            progress.update(n_tokens)
             if state["step"] % settings.log_every_steps == 0:
                 entry = log_line()
                 state["history"]["steps"].append(entry)
@@ -184,14 +205,14 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
                     wandb_run.log(entry, step=state["step"])
             if state["step"] % settings.checkpoint_every_steps == 0:
                 save_checkpoint()
-            if stop.requested:
+            if stop.requested if stopping is None else stopping:
                 save_checkpoint()
                 progress.close()
-                raise StopRequested(f"stopped by {stop.signal_name} at step {state['step']} of {total_steps}; "
+                dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has saved
+                raise StopRequested(f"stopped by {stop.signal_name or 'another rank'} at step {state['step']} of {total_steps}; "
                                     f"checkpoint saved, rerun with --sae_run_id {sae_run_id} to continue")
         if state["step"] % settings.log_every_steps:
             state["history"]["steps"].append(log_line())
-        log_stats_into(epoch_stats)
         n_epoch_steps = max(state["step_in_epoch"], 1)
         state["history"]["epochs"].append({"epoch": state["epoch"], "step": state["step"], "tokens": state["tokens"],
                                            "loss": float(sums[3]) / n_epoch_steps, **_round(epoch_stats.result()),
@@ -204,8 +225,11 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
     progress.close()
     elapsed = state["elapsed_s"] + time.time() - t_start
 
-    holdout = evaluate_holdout(eng, loader, settings.batch_size_train, device, amp)
+    holdout = evaluate_holdout(eng, loader, settings.batch_size_train, device, amp, dist)
     holdout["dead_fraction"] = dead_fraction(since_fired, window)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 writes the outputs
+        return out
     history = {**state["history"], "holdout": holdout}
     final = {"train": state["history"]["epochs"][-1], "holdout": holdout}
     if wandb_run is not None:
@@ -224,7 +248,8 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
         "d_in": d_in, "n_latents": n_latents, "k": settings.top_k, "architecture": settings.sae_architecture,
         "settings": settings.model_dump(mode="json"), "dead_tokens_window_used": window, "k_aux": k_aux,
         "total_steps": state["step"], "tokens_trained": state["tokens"], "n_train_tokens": loader.n_train,
-        "n_holdout_tokens": loader.n_holdout, "device": str(device), "elapsed_s": round(elapsed, 1),
+        "n_holdout_tokens": loader.n_holdout, "device": str(device), "processes": dist.world_size,
+        "elapsed_s": round(elapsed, 1),
         "final_metrics": final, "files": {"model": MODEL_FILE, "saelens": "saelens/", "history": "history.json",
                                           "curves": "training_curves.png"},
         "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -238,6 +263,7 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
           f"never fired {holdout['never_fired_fraction']:.1%}; dead at the end (not fired in {window:,} tokens) "
           f"{holdout['dead_fraction']:.1%}. Outputs in {out}: model.pt (mi_crow TopKSae.load), saelens/, "
           f"history.json, meta.json, training_curves.png; {store.root / SAE_RUN_ID_FILE} updated.")
+    dist.barrier()
     return out
 
 
@@ -277,10 +303,31 @@ def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -
     return guess
 
 
+def _all_reduce_step(dist: Dist, eng: BiasedTopKEngine, x: torch.Tensor, z: torch.Tensor, loss: torch.Tensor,
+                     aux: torch.Tensor, stop: StopFlag) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
+    """One collective: gradients (token-weighted mean), latents fired anywhere, global loss and AuxK loss, the
+    BatchTopK threshold (token-weighted mean), global token count and "any rank asked to stop"."""
+    n = float(x.shape[0])
+    params = [p for p in eng.parameters() if p.grad is not None]
+    scalars = torch.stack([loss.detach() * n, aux.detach() * n, eng.threshold.float() * n, loss.new_tensor(n),
+                           loss.new_tensor(float(stop.requested))])
+    flat = torch.cat([p.grad.flatten() * n for p in params] + [(z != 0).sum(dim=0).float(), scalars.float()])
+    dist.all_reduce(flat)
+    total, stopping = flat[-2:].tolist()
+    at = 0
+    for p in params:
+        p.grad.copy_(flat[at: at + p.numel()].view_as(p) / total)
+        at += p.numel()
+    with torch.no_grad():
+        eng.threshold.copy_(flat[-3] / total)
+    return flat[at: at + z.shape[1]] > 0, flat[-5] / total, flat[-4] / total, int(total), stopping > 0
+
+
 @torch.no_grad()
 def evaluate_holdout(eng: BiasedTopKEngine, loader: TokenLoader, batch_size: int, device: torch.device,
-                     amp: torch.dtype | None) -> dict[str, float]:
-    """FVU, MSE, L0 and never-fired fraction on the held-out slice, in inference mode (BatchTopK: threshold)."""
+                     amp: torch.dtype | None, dist: Dist | None = None) -> dict[str, float]:
+    """FVU, MSE, L0 and never-fired fraction on the held-out slice, in inference mode (BatchTopK: threshold);
+    with several processes each rank measures its share of the shards and the statistics are merged."""
     eng.eval()
     stats = ReconstructionStats(eng.W_dec.shape[1], eng.W_dec.shape[0], device)
     for batch in loader.iter_holdout(batch_size):
@@ -289,7 +336,7 @@ def evaluate_holdout(eng: BiasedTopKEngine, loader: TokenLoader, batch_size: int
             _, z, x_hat = eng(x)
         stats.update(x, x_hat.float(), z.float())
     eng.train()
-    return _round(stats.result())
+    return _round((dist or Dist()).gather_stats(stats).result())
 
 
 def _finished(out: Path, sae_run_id: str) -> bool:
@@ -329,10 +376,10 @@ def _versions() -> dict[str, str]:
     return package_versions()
 
 
-def _progress(total_tokens: int, done: int, name: str):
+def _progress(total_tokens: int, done: int, name: str, disable: bool = False):
     from tqdm import tqdm
 
-    return tqdm(total=total_tokens, initial=done, unit="tok", unit_scale=True, desc=f"train {name}",
+    return tqdm(total=total_tokens, initial=done, unit="tok", unit_scale=True, desc=f"train {name}", disable=disable,
                 file=sys.stderr, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 

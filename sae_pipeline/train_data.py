@@ -12,11 +12,22 @@ Memory: the group being consumed plus the next one, loaded in a background threa
 
 Resume. Batch ``b`` of an epoch is a pure function of (run, SEED, epoch, b), so a resumed run skips to its position
 by counting tokens per group without reading the skipped shards.
+
+Several processes (torchrun, ``rank`` of ``world_size``). BATCH_SIZE_TRAIN stays the global batch; each rank
+trains on BATCH_SIZE_TRAIN / world_size tokens per step. Every epoch, the shards in that epoch's order are laid end
+to end and cut into one contiguous token range per rank, sized so that every rank takes the same number of steps
+(the epoch's last, partial step is split evenly; if it has fewer tokens than ranks they are dropped). A rank then
+packs, shuffles and batches its range exactly as above (its own permutation seeds). So a rank reads only about
+1/world_size of the shards per epoch (plus at most two it shares at the range ends), memory per rank is the same
+as for one process, every training token is still seen once per epoch, and the ranges move with the epoch's shard
+order, so which tokens share a step changes from epoch to epoch as with one process. Alternatives rejected: a
+slice of every global batch (every rank would read the whole run), or fixed shards per rank (unequal token
+counts, hence unequal steps, and the same rank/data pairing every epoch). The held-out slice is split by shard
+(rank r evaluates shards r, r + world_size, ...) and the statistics are merged exactly.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,6 +37,19 @@ import torch
 
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.store import ActivationRun
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Training rows [start, stop) of one shard: a whole shard with one process, maybe a part with several."""
+
+    shard: ShardSplit
+    start: int
+    stop: int
+
+    @property
+    def n_train(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass(frozen=True)
@@ -47,7 +71,7 @@ class TokenLoader:
     """Batches of training tokens (in the stored dtype, on the CPU) and the held-out slice of one run."""
 
     def __init__(self, run: ActivationRun, layer_signature: str, d_model: int, batch_size: int,
-                 holdout_fraction: float, seed: int, buffer_tokens: int):
+                 holdout_fraction: float, seed: int, buffer_tokens: int, rank: int = 0, world_size: int = 1):
         if not 0 < holdout_fraction <= 0.5:
             raise PipelineError(f"HOLDOUT_FRACTION={holdout_fraction} is not valid: use a value in (0, 0.5]")
         self.run, self.layer_signature, self.d_model = run, layer_signature, d_model
@@ -61,7 +85,18 @@ class TokenLoader:
         if self.n_train == 0 or self.n_holdout == 0:
             raise PipelineError(f"activation run {run.run_id!r} has {self.n_train + self.n_holdout} tokens: too few "
                                 f"to split with HOLDOUT_FRACTION={holdout_fraction}; capture more (DATA_LIMIT)")
-        self.steps_per_epoch = math.ceil(self.n_train / batch_size)
+        if batch_size % world_size:
+            raise PipelineError(f"BATCH_SIZE_TRAIN={batch_size} is the global batch and must be divisible by the "
+                                f"{world_size} training processes")
+        self.rank, self.world_size, self.local_batch = rank, world_size, batch_size // world_size
+        full, rem = divmod(self.n_train, batch_size)
+        last = rem if rem >= world_size else 0  # the last partial step needs a token per rank (else dropped)
+        self.steps_per_epoch = full + (last > 0)  # = ceil(n_train / batch_size) with one process
+        if self.steps_per_epoch == 0:
+            raise PipelineError(f"activation run {run.run_id!r} has {self.n_train} training tokens: fewer than the "
+                                f"{world_size} training processes")
+        sizes = [full * self.local_batch + last // world_size + (r < last % world_size) for r in range(world_size)]
+        self.token_range = (sum(sizes[:rank]), sum(sizes[:rank + 1]))  # of each epoch's shard order
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def read(self, shard: ShardSplit) -> torch.Tensor:
@@ -73,37 +108,46 @@ class TokenLoader:
         return acts
 
     # -- training order --------------------------------------------------------------------------------------------
-    def groups(self, epoch: int) -> list[list[ShardSplit]]:
+    def groups(self, epoch: int) -> list[list[Piece]]:
+        """This rank's pieces of the epoch's shard order, packed into groups of at most SHUFFLE_BUFFER_TOKENS."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        groups: list[list[ShardSplit]] = []
-        size = 0
+        lo, hi = self.token_range
+        groups: list[list[Piece]] = []
+        size = pos = 0
         for i in order:
             shard = self.shards[int(i)]
-            if not groups or size + shard.n_train > self.buffer_tokens:
+            piece = Piece(shard, min(max(lo - pos, 0), shard.n_train), max(min(hi - pos, shard.n_train), 0))
+            pos += shard.n_train
+            if piece.n_train <= 0 and self.world_size > 1:
+                continue  # another rank's shard
+            if not groups or size + piece.n_train > self.buffer_tokens:
                 groups.append([])
                 size = 0
-            groups[-1].append(shard)
-            size += shard.n_train
+            groups[-1].append(piece)
+            size += piece.n_train
         return groups
 
-    def _load_group(self, epoch: int, g: int, group: list[ShardSplit]) -> torch.Tensor:
+    def _load_group(self, epoch: int, g: int, group: list[Piece]) -> torch.Tensor:
         """The group's training tokens, permuted, written straight to their shuffled places (peak: group + shard)."""
-        n = sum(s.n_train for s in group)
-        positions = torch.from_numpy(np.random.default_rng([self.seed, epoch, g]).permutation(n))
+        n = sum(p.n_train for p in group)
+        key = [self.seed, epoch, g] + ([self.rank] if self.world_size > 1 else [])
+        positions = torch.from_numpy(np.random.default_rng(key).permutation(n))
         out: torch.Tensor | None = None
         start = 0
-        for shard in group:
-            acts = self.read(shard)[: shard.n_train]
+        for piece in group:
+            acts = self.read(piece.shard)[piece.start: piece.stop]
             if out is None:
                 out = torch.empty((n, self.d_model), dtype=acts.dtype)
-            out[positions[start: start + shard.n_train]] = acts
-            start += shard.n_train
+            out[positions[start: start + piece.n_train]] = acts
+            start += piece.n_train
         assert out is not None
         return out
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Batches ``start_step``.. of ``epoch``; the next group is read in the background while one is consumed."""
-        skip = start_step * self.batch_size
+        """Batches ``start_step``.. of ``epoch`` (this rank's part of each step, BATCH_SIZE_TRAIN / world_size
+        tokens); the next group is read in the background while one is consumed."""
+        batch_size = self.local_batch
+        skip = start_step * batch_size
         todo = []
         for g, group in enumerate(self.groups(epoch)):
             n = sum(s.n_train for s in group)
@@ -124,11 +168,11 @@ class TokenLoader:
                 if skip:
                     tokens, skip = tokens[skip:], 0
                 while tokens.shape[0]:
-                    take = min(self.batch_size - pending_n, tokens.shape[0])
+                    take = min(batch_size - pending_n, tokens.shape[0])
                     pending.append(tokens[:take])
                     pending_n += take
                     tokens = tokens[take:]
-                    if pending_n == self.batch_size:
+                    if pending_n == batch_size:
                         yield pending[0] if len(pending) == 1 else torch.cat(pending)
                         pending, pending_n = [], 0
             if pending_n:
@@ -146,8 +190,8 @@ class TokenLoader:
 
     # -- held-out slice --------------------------------------------------------------------------------------------
     def iter_holdout(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """The held-out tokens in store order, in batches of at most ``batch_size``."""
-        for shard in self.shards:
+        """The held-out tokens in store order, in batches of at most ``batch_size`` (this rank's shards only)."""
+        for shard in self.shards[self.rank::self.world_size]:
             if shard.n_holdout:
                 held = self.read(shard)[shard.n_train:]
                 yield from held.split(batch_size)

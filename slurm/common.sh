@@ -10,6 +10,10 @@
 #   sae_run_step LABEL SCRIPT [ARGS...]
 #                            runs the Python step in the background, forwards USR1/TERM to it, waits, and
 #                            requeues the job when it stopped resumably (exit 75) after SLURM's warning signal.
+#   sae_run_command LABEL CMD [ARGS...]
+#                            the same for any command (submit_train_sae_multi_gpu.sh: srun ... torchrun ...);
+#                            SAE_RESUMABLE_IF_EXISTS=PATH: a non-zero exit after USR1 counts as resumable when
+#                            PATH exists (torchrun turns its workers' exit 75 into 1).
 #
 # Expects SAE_PROJECT_DIR (the folder holding 01_save_activations.py) to be set by the caller.
 
@@ -116,14 +120,19 @@ _sae_on_signal() {
 # sae_run_step LABEL SCRIPT [ARGS...]: SCRIPT is relative to the project dir.
 sae_run_step() {
     local label=$1 script=$2; shift 2
+    sae_run_command "$label" "${SAE_PYTHON_CMD[@]}" "$SAE_PROJECT_DIR/$script" "$@"
+}
+
+sae_run_command() {
+    local label=$1; shift
     local rc
     SAE_GOT_USR1=0 SAE_GOT_TERM=0 SAE_TRAPPED=0 SAE_CHILD=
     trap '_sae_on_signal USR1' USR1
     trap '_sae_on_signal TERM' TERM
-    sae_log "$label: ${SAE_PYTHON_CMD[*]} $script $* [$(sae_job_label), host $(hostname), cwd $PWD]"
+    sae_log "$label: $* [$(sae_job_label), host $(hostname), cwd $PWD]"
     # Backgrounded and waited on: bash runs a trap only between commands, so a foreground child would delay
     # the USR1 handler until the step ended on its own (or was killed at the time limit).
-    "${SAE_PYTHON_CMD[@]}" "$SAE_PROJECT_DIR/$script" "$@" &
+    "$@" &
     SAE_CHILD=$!
     while :; do
         SAE_TRAPPED=0
@@ -144,6 +153,11 @@ sae_run_step() {
     # (every file is written atomically), so that is as resumable as a clean stop.
     if [ "$rc" = 138 ] && [ "$SAE_GOT_USR1" = 1 ]; then
         sae_log "$label: killed by SIGUSR1 before it could handle it; its saved state is consistent"
+        rc=$SAE_EXIT_RESUMABLE
+    fi
+    if [ "$rc" != "$SAE_EXIT_RESUMABLE" ] && [ "$SAE_GOT_USR1" = 1 ] && [ -n "${SAE_RESUMABLE_IF_EXISTS:-}" ] \
+        && [ -e "$SAE_RESUMABLE_IF_EXISTS" ]; then
+        sae_log "$label: exited with $rc after SIGUSR1 and $SAE_RESUMABLE_IF_EXISTS exists: resumable"
         rc=$SAE_EXIT_RESUMABLE
     fi
     if [ "$rc" = "$SAE_EXIT_RESUMABLE" ]; then
