@@ -32,22 +32,22 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sae_pipeline.distributed import Dist
 from sae_pipeline.errors import PipelineError
-from sae_pipeline.export import export_saelens
 from sae_pipeline.metrics import ReconstructionStats, dead_fraction, fvu
-from sae_pipeline.plots import plot_training_curves
 from sae_pipeline.preemption import StopFlag, StopRequested
-from sae_pipeline.sae import BiasedTopKEngine, PipelineSae, atomic_torch_save, load_torch_file
 from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import (
     META_FILE, RUN_ID_FILE, SAE_RUN_ID_FILE, Store, atomic_write_json, new_run_id, open_complete_run, read_json,
     validate_run_id,
 )
+
+if TYPE_CHECKING:
+    from sae_pipeline.sae import BiasedTopKEngine
 from sae_pipeline.train_data import TokenLoader
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -81,7 +81,12 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
             print(f"training run {sae_run_id!r} is already finished ({out}); nothing to do", file=sys.stderr)
         return out
 
-    device = dist.device(settings.device)  # imports transformers: only once the inputs are known good
+    # mi_crow, overcomplete, torchvision and matplotlib take seconds to import: only once the inputs are known good
+    from sae_pipeline.export import export_saelens
+    from sae_pipeline.plots import plot_training_curves
+    from sae_pipeline.sae import PipelineSae, atomic_torch_save, load_torch_file
+
+    device = dist.device(settings.device)
     dist.init(device)
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
 
