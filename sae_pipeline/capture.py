@@ -70,6 +70,15 @@ def pad_batch(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torc
     return ids, mask
 
 
+def keep_mask(ids: torch.Tensor, mask: torch.Tensor, special_ids: torch.Tensor, keep_special: bool) -> torch.Tensor:
+    """The positions a run stores: real tokens from the attention mask (never from the pad id: Bielik pads with
+    EOS), special tokens (BOS, ...) only when asked for. Evaluation splices exactly these positions."""
+    keep = mask.bool()
+    if not keep_special:
+        keep &= ~torch.isin(ids, special_ids)
+    return keep
+
+
 @dataclass
 class CaptureSummary:
     run_id: str
@@ -99,13 +108,6 @@ class Capturer:
     def _stop(module, input, output):
         raise _StopForward
 
-    def keep_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Real tokens from the attention mask (never from the pad id: Bielik pads with EOS); specials optional."""
-        keep = mask.bool()
-        if not self.settings.keep_special_tokens:
-            keep &= ~torch.isin(ids, self.special_ids)
-        return keep
-
     def shard(self, texts: list[str], doc_indices: list[int], progress: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations [n_real, d] and provenance (doc, position, token id) of the documents, in document order."""
         encoded = self.tokenizer(texts, truncation=True, max_length=self.settings.max_length)["input_ids"]
@@ -117,7 +119,7 @@ class Capturer:
             rows = order[start:start + bs]
             ids, mask = pad_batch([encoded[i] for i in rows], self.tokenizer.pad_token_id, left)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            keep = self.keep_mask(ids, mask)
+            keep = keep_mask(ids, mask, self.special_ids, self.settings.keep_special_tokens)
             self.detector.keep, self.detector.captured = keep.to(self.device), None
             with torch.inference_mode():
                 try:

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -108,3 +110,11 @@ class ReconstructionStats:
             "never_fired_fraction": never_fired_fraction(self.fire_counts),
             "n_tokens": self.n,
         }
+
+
+def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_ablated: float) -> float | None:
+    """(CE_ablated − CE_sae) / (CE_ablated − CE_clean); None when ablation does not change the loss at all."""
+    denom = ce_ablated - ce_clean
+    if not math.isfinite(denom) or abs(denom) < 1e-12:
+        return None
+    return (ce_ablated - ce_sae) / denom

@@ -1,0 +1,9 @@
+"""Step 3: evaluate a trained SAE: CE-loss recovered with the SAE spliced in, reconstruction, feature browser.
+
+Configured by environment variables; see README.md. The logic lives in the sae_pipeline package.
+"""
+
+from sae_pipeline.cli import evaluate_sae_main
+
+if __name__ == "__main__":
+    evaluate_sae_main()

@@ -1,0 +1,52 @@
+#!/bin/bash
+#SBATCH --job-name=sae_eval
+#SBATCH --output=sae_eval_%j.out
+#SBATCH --error=sae_eval_%j.err
+#SBATCH --time=4:00:00
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=64G
+#SBATCH --gres=gpu:1
+#SBATCH --open-mode=append
+#
+# Step 3 on SLURM: evaluate a trained SAE (03_evaluate_sae.py): CE-loss recovered with the SAE spliced in,
+# reconstruction on held-out documents, firing-frequency histogram and the HTML feature browser, all written to
+# $STORE_DIR/runs/<sae run>/evaluation/.
+#
+#   sbatch submit_evaluate_sae.sh                               # the SAE named in $STORE_DIR/sae_run_id.txt
+#   SAE_RUN_ID=sae_x EVAL_LIMIT=500 sbatch submit_evaluate_sae.sh
+#   sbatch --dependency=afterok:<training job> submit_evaluate_sae.sh
+#
+# Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). Evaluation writes its
+# files only at the end, atomically; a killed job is simply submitted again (no requeue needed).
+# See docs/slurm.md.
+
+# Find the project: SLURM runs a copy of this file from its spool dir, so $0 does not point into it.
+sae_find_project() {
+    local d cmd
+    if [ -n "${PIPELINE_DIR:-}" ]; then
+        [ -f "$PIPELINE_DIR/slurm/common.sh" ] && (cd "$PIPELINE_DIR" && pwd) && return 0
+        echo "error: PIPELINE_DIR=$PIPELINE_DIR is not the pipeline folder (no slurm/common.sh in it)" >&2
+        return 1
+    fi
+    cmd=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n 1)
+    for d in "${SLURM_SUBMIT_DIR:-}" "${cmd:+$(dirname "$cmd")}" "$(dirname "${BASH_SOURCE[0]}")"; do
+        [ -n "$d" ] && [ -f "$d/slurm/common.sh" ] && (cd "$d" && pwd) && return 0
+    done
+    echo "error: cannot find the pipeline folder; submit from it or set PIPELINE_DIR=/path/to/it" >&2
+    return 1
+}
+SAE_PROJECT_DIR=$(sae_find_project) || exit 2
+# shellcheck source=slurm/common.sh
+. "$SAE_PROJECT_DIR/slurm/common.sh"
+
+# Defaults only, a value exported in the submitting shell wins.
+: "${DEVICE:=cuda}"
+export DEVICE
+
+sae_load_modules
+sae_setup_python
+sae_default_store
+sae_log "store: $STORE_DIR, SAE run: ${SAE_RUN_ID:-from $STORE_DIR/sae_run_id.txt}"
+sae_run_step "step 3 (evaluate SAE)" 03_evaluate_sae.py   # reads SAE_RUN_ID itself when it is set

@@ -1,0 +1,190 @@
+"""The splice and the downstream metrics of step 3, in process on the briefly trained tiny Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae_pipeline.evaluate import CONDITIONS, downstream, make_batches, make_splice
+from sae_pipeline.metrics import ce_loss_recovered
+from sae_pipeline.metrics import ReconstructionStats
+from sae_pipeline.model import load_language_model
+from sae_pipeline.sae import PipelineSae
+from sae_pipeline.tiny_model import load_sample_texts
+from tests.eval_fixtures import trained_tiny_model  # noqa: F401  (fixture)
+
+SIG = "llamaforcausallm_model_layers_2_post_attention_layernorm"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def lm(trained_tiny_model, tmp_path_factory):
+    return load_language_model(str(trained_tiny_model), tmp_path_factory.mktemp("lm_store"), CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return [t for t in load_sample_texts()[120:200]]
+
+
+def identity_sae(d: int) -> PipelineSae:
+    """A real TopK SAE whose decoder inverts its encoder: 2d latents [I; -I], k = 2d, so x_hat = relu(x) - relu(-x)."""
+    sae = PipelineSae(2 * d, d, 2 * d)
+    eng = sae.sae_engine
+    eye = torch.eye(d)
+    with torch.no_grad():
+        eng.W_enc.copy_(torch.cat([eye, -eye]))
+        eng.b_enc.zero_()
+        eng.W_dec.copy_(torch.cat([eye, -eye]))
+        eng.b_dec.zero_()
+    return sae.to_device(CPU)
+
+
+def run(lm, engine, batches, side="output", mean=None, conditions=CONDITIONS, stats=None):
+    splice = make_splice(SIG, side, engine, mean)
+    splice.stats = stats
+    lm.layers.register_hook(SIG, splice)
+    try:
+        return downstream(lm.model, splice, batches, CPU, conditions)
+    finally:
+        lm.layers.unregister_hook(splice.id)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_identity_sae_leaves_the_loss_unchanged(lm, texts, side):
+    sae = identity_sae(64)
+    x = torch.randn(50, 64)
+    assert torch.equal(sae.sae_engine.eval()(x)[2], x)  # the "SAE" really is the identity
+    batches = make_batches(lm.tokenizer, texts, 32, 8, keep_special=False)
+    stats = ReconstructionStats(64, 128)
+    res = run(lm, sae.sae_engine.eval(), batches, side, mean=torch.zeros(64), stats=stats)
+    assert abs(res.ce["sae"] - res.ce["clean"]) < 1e-5
+    assert res.kl["sae"] < 1e-6
+    assert stats.n == res.n_spliced_tokens > 0
+    assert stats.result()["fvu"] < 1e-10
+
+
+def test_zero_ablation_raises_the_loss_of_a_trained_model(lm, texts):
+    res = run(lm, identity_sae(64).sae_engine.eval(), make_batches(lm.tokenizer, texts, 32, 8, False),
+              mean=torch.zeros(64))
+    assert res.ce["zero"] > res.ce["clean"] + 0.05
+    assert res.kl["zero"] > 0.01
+    m = res.metrics()
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)  # identity: everything recovered
+    assert m["delta_loss"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_splice_matches_a_plain_torch_hook(lm, texts, side):
+    """Mean ablation through the mi_crow controller == the same replacement by a raw torch hook on the module."""
+    batches = make_batches(lm.tokenizer, texts[:24], 32, 8, False)
+    mean = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    ours = run(lm, identity_sae(64).sae_engine.eval(), batches, side, mean=mean, conditions=("clean", "mean"))
+
+    module = lm.model.model.layers[2].post_attention_layernorm
+    state = {}
+
+    def pre(mod, args):
+        x = args[0].clone()
+        x[state["keep"]] = mean
+        return (x,) + tuple(args[1:])
+
+    def post(mod, args, out):
+        out = out.clone()
+        out[state["keep"]] = mean
+        return out
+
+    handle = module.register_forward_pre_hook(pre) if side == "input" else module.register_forward_hook(post)
+    total, n = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                state["keep"] = b.keep
+                logits = lm.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions,
+                                  use_cache=False).logits
+                valid = (b.mask[:, :-1] & b.mask[:, 1:]).bool()
+                lp = logits[:, :-1][valid].log_softmax(-1)
+                total -= float(lp.gather(1, b.ids[:, 1:][valid][:, None]).sum())
+                n += int(valid.sum())
+    finally:
+        handle.remove()
+    assert n == ours.n_predictions
+    assert ours.ce["mean"] == pytest.approx(total / n, abs=1e-5)
+    assert abs(ours.ce["mean"] - ours.ce["clean"]) > 1e-3  # the replacement did something
+
+
+def test_padding_is_excluded_from_every_average(lm, texts):
+    """Batch size 1 (no padding) and 8 (left padding) give the same numbers for every condition."""
+    sae = identity_sae(64).sae_engine.eval()
+    mean = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    one = run(lm, sae, make_batches(lm.tokenizer, texts[:24], 32, 1, False), mean=mean)
+    many = run(lm, sae, make_batches(lm.tokenizer, texts[:24], 32, 8, False), mean=mean)
+    assert one.n_predictions == many.n_predictions and one.n_real_tokens == many.n_real_tokens
+    for c in CONDITIONS:
+        assert one.ce[c] == pytest.approx(many.ce[c], abs=1e-4)
+    padded = sum(int((b.mask == 0).sum()) for b in make_batches(lm.tokenizer, texts[:24], 32, 8, False))
+    assert padded > 0  # the comparison is not vacuous
+
+
+def test_only_the_stored_positions_are_replaced(lm, texts):
+    """The SAE sees exactly the rows capture would store: BOS only with keep_special_tokens."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x, x, x
+
+    for keep_special in (False, True):
+        seen.clear()
+        batches = make_batches(lm.tokenizer, texts[:16], 32, 8, keep_special)
+        res = run(lm, Recorder(), batches, conditions=("clean", "sae"))
+        assert sum(seen) == res.n_spliced_tokens
+        n_docs = sum(int(b.ids.shape[0]) for b in batches)
+        assert n_docs >= 14
+        assert res.n_spliced_tokens == res.n_real_tokens - (0 if keep_special else n_docs)  # one BOS per document
+
+
+def test_ce_loss_recovered_formula():
+    assert ce_loss_recovered(2.0, 2.5, 4.0) == pytest.approx(0.75)
+    assert ce_loss_recovered(2.0, 2.0, 4.0) == 1.0
+    assert ce_loss_recovered(2.0, 4.0, 4.0) == 0.0
+    assert ce_loss_recovered(2.0, 5.0, 4.0) == pytest.approx(-0.5)  # worse than ablation is reported, not clipped
+    assert ce_loss_recovered(2.0, 2.1, 2.0) is None
+    assert ce_loss_recovered(2.0, 2.1, math.nan) is None
+
+
+def _act_meta(limit: int, shuffle: bool = False) -> dict:
+    from tests.helpers import SAMPLE
+
+    return {"dataset": {"name": str(SAMPLE), "split": "train", "text_field": "text", "limit": limit,
+                        "shuffle": shuffle, "shuffle_seed": 7 if shuffle else None}}
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_eval_documents_are_the_rows_capture_did_not_use(shuffle):
+    from sae_pipeline.data import load_texts
+    from sae_pipeline.evaluate import eval_texts
+    from sae_pipeline.settings import EvalSettings
+    from tests.helpers import SAMPLE
+
+    texts, source = eval_texts(EvalSettings(eval_limit=50), _act_meta(120, shuffle))
+    captured = list(load_texts(str(SAMPLE), "train", "text", 120, shuffle, 7)["text"])
+    everything = list(load_texts(str(SAMPLE), "train", "text", 170, shuffle, 7)["text"])
+    assert source["rows"] == [120, 170] and texts == everything[120:170]
+    assert not set(t for t in texts if t.strip()) & set(captured)  # no document seen by capture (sample is unique)
+
+
+def test_eval_dataset_overrides_and_an_exhausted_dataset_is_an_error(tmp_path):
+    from sae_pipeline.errors import PipelineError
+    from sae_pipeline.evaluate import eval_texts
+    from sae_pipeline.settings import EvalSettings
+
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"body": "Zażółć gęślą jaźń."}\n{"body": "Druga linia."}\n', encoding="utf-8")
+    texts, source = eval_texts(EvalSettings(eval_dataset=str(own), eval_text_field="body"), _act_meta(120))
+    assert texts == ["Zażółć gęślą jaźń.", "Druga linia."] and source["dataset"] == str(own)
+    with pytest.raises(PipelineError, match="EVAL_DATASET"):
+        eval_texts(EvalSettings(), _act_meta(10_000))
