@@ -408,6 +408,7 @@ def _write_outputs(out: Path, settings: EvalSettings, sae_run_id: str, train_met
                    holdout: dict[str, Any] | None, scan, scan_s: float, lm, engine, run: ActivationRun,
                    started: float) -> Path:
     from sae_pipeline import report
+    from sae_pipeline.plots import plot_firing_frequency
 
     downstream_metrics = result.metrics()
     recon_metrics = recon.result()
@@ -419,7 +420,7 @@ def _write_outputs(out: Path, settings: EvalSettings, sae_run_id: str, train_met
                "architecture": train_meta.get("architecture"), "downstream": downstream_metrics,
                "reconstruction": recon_metrics}
     browser = report.browser_data(scan, ctx, promoted, settings.browser_latents, summary)
-    png = report.plot_firing_frequency(fire_freq, out / "firing_frequency.png",
+    png = plot_firing_frequency(fire_freq, out / "firing_frequency.png",
                                        title=f"{sae_run_id}: latent firing frequency on {recon.n:,} held-out tokens")
     html, js = report.write_browser(browser, out, png)
     metrics = {

@@ -1,4 +1,5 @@
-"""Training-curves PNG (loss and FVU, L0, dead fraction against tokens seen), drawn headless with Agg."""
+"""The PNGs: training curves (loss and FVU, L0, dead fraction against tokens seen) and the latents' firing-frequency
+histogram, drawn headless with Agg."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import matplotlib
 
@@ -37,6 +40,31 @@ def plot_training_curves(history: dict[str, Any], path: Path, title: str = "") -
         a.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_firing_frequency(freq: torch.Tensor, path: Path, title: str = "") -> Path:
+    """Histogram of log10(firing frequency) over the latents that fired; the never-fired count in the legend."""
+    freq = freq.double().cpu()
+    alive = freq[freq > 0]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    if alive.numel():
+        logs = alive.log10().numpy()
+        ax.hist(logs, bins=min(50, max(10, alive.numel() // 4)), color="#3b6ea8",
+                label=f"{alive.numel()} latents that fired")
+    ax.set_xlabel("log10(firing frequency)  (fraction of tokens on which the latent is active)")
+    ax.set_ylabel("latents")
+    never = int((freq == 0).sum())
+    ax.plot([], [], " ", label=f"never fired: {never} of {freq.numel()}")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """PNG written under a temporary name and renamed, like every other output; the figure is closed."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")

@@ -19,7 +19,6 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -243,41 +242,6 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
-
-
-def plot_firing_frequency(freq: torch.Tensor, path: Path, title: str = "") -> Path:
-    """Histogram of log10(firing frequency) over the latents that fired; the never-fired count in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    freq = freq.double().cpu()
-    alive = freq[freq > 0]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    if alive.numel():
-        logs = alive.log10().numpy()
-        ax.hist(logs, bins=min(50, max(10, alive.numel() // 4)), color="#3b6ea8",
-                label=f"{alive.numel()} latents that fired")
-    ax.set_xlabel("log10(firing frequency)  (fraction of tokens on which the latent is active)")
-    ax.set_ylabel("latents")
-    never = int((freq == 0).sum())
-    ax.plot([], [], " ", label=f"never fired: {never} of {freq.numel()}")
-    ax.legend(loc="upper left")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def write_browser(data: dict[str, Any], out_dir: Path, png: Path | None = None) -> tuple[Path, Path]:

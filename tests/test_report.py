@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sae_pipeline.report import ContextSource, LatentScan, browser_data, plot_firing_frequency, render_html, \
+from sae_pipeline.plots import plot_firing_frequency
+from sae_pipeline.report import ContextSource, LatentScan, browser_data, render_html, \
     write_browser
 from tests.eval_fixtures import chromium, console_errors, artifacts_dir, run_chromium  # noqa: F401  (fixture)
 
