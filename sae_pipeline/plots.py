@@ -3,17 +3,16 @@ histogram, drawn headless with Agg."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from sae_pipeline.store import atomic_path  # noqa: E402
 
 
 def plot_training_curves(history: dict[str, Any], path: Path, title: str = "") -> Path:
@@ -64,15 +63,11 @@ def plot_firing_frequency(freq: torch.Tensor, path: Path, title: str = "") -> Pa
 
 
 def save_figure(fig, path: Path) -> Path:
-    """PNG written under a temporary name and renamed, like every other output; the figure is closed."""
+    """PNG written atomically like every other output; the figure is closed."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path

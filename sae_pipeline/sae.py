@@ -26,7 +26,6 @@ by ``PipelineSae.load``, which unfolds the bias.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from overcomplete import TopKSAE as OvercompleteTopKSAE
 from torch import nn
 
 from sae_pipeline.errors import PipelineError
+from sae_pipeline.store import atomic_path
 
 ARCHITECTURES = ("topk", "batchtopk")
 FORMAT = 1
@@ -230,18 +230,10 @@ class PipelineSae(TopKSae):
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save under a temporary name in the same folder, then rename: a kill never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_torch_file(path: Path) -> dict[str, Any]:
