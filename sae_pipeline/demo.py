@@ -1,4 +1,4 @@
-"""Offline demo: capture -> training on a tiny random-weight Llama and the shipped Polish sample, no network.
+"""Offline demo: capture -> training -> evaluation on a tiny random-weight Llama and the shipped Polish sample, no network.
 
     uv run python -m sae_pipeline.demo            # writes ./demo_store (set STORE_DIR to put it elsewhere)
 
@@ -26,20 +26,21 @@ def main() -> None:
                          intermediate_size=256)
     env = {
         "MODEL_ID": str(model_dir), "HF_DATASET": str(SAMPLE), "STORE_DIR": str(store), "DEVICE": "cpu",
-        "DATA_LIMIT": "400", "MAX_LENGTH": "64", "BATCH_SIZE_SAVE": "16", "DOCS_PER_SHARD": "100", "LAYER_NUM": "2",
+        "DATA_LIMIT": "340", "EVAL_LIMIT": "60", "BROWSER_LATENTS": "30", "MAX_LENGTH": "64", "BATCH_SIZE_SAVE": "16", "DOCS_PER_SHARD": "100", "LAYER_NUM": "2",
         "N_LATENTS_MULTIPLIER": "4", "TOP_K": "8", "EPOCHS": "5", "BATCH_SIZE_TRAIN": "512",
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
     }
     for name, value in env.items():
         os.environ.setdefault(name, value)
     print(f"demo: tiny Llama at {model_dir}; settings: " + " ".join(f"{k}={os.environ[k]}" for k in env), flush=True)
-    for script in ("01_save_activations.py", "02_train_sae.py"):
+    for script in ("01_save_activations.py", "02_train_sae.py", "03_evaluate_sae.py"):
         print(f"\n$ python {script}", flush=True)
         code = subprocess.call([sys.executable, str(REPO / script)], cwd=REPO)
         if code != 0:
             sys.exit(code)
-    print(f"\ndemo finished: activations and the SAE are under {store}/runs/ "
-          f"(see {store}/run_id.txt and {store}/sae_run_id.txt)")
+    sae_run = (store / "sae_run_id.txt").read_text().strip()
+    print(f"\ndemo finished: activations and the SAE are under {store}/runs/; open "
+          f"{store}/runs/{sae_run}/evaluation/feature_browser.html in a browser")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_auxk_matches_gao_definition_without_decoder_bias():
     codes = torch.zeros(32, 10).scatter(-1, top.indices, torch.relu(top.values))
     e_hat = codes @ eng.W_dec[:10]
     expected = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * min(10 / 8, 1.0)
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # fewer dead latents than k_aux: scaled down by n_dead / k_aux
     few = torch.zeros(64, dtype=torch.bool)
     few[:2] = True
