@@ -72,6 +72,7 @@ def base_env(tiny_model: Path, store: Path, **overrides: str) -> dict[str, str]:
         MODEL_ID=str(tiny_model), HF_DATASET=str(SAMPLE), STORE_DIR=str(store), DEVICE="cpu",
         DATA_LIMIT="200", MAX_LENGTH="32", BATCH_SIZE_SAVE="16", DOCS_PER_SHARD="25", LAYER_NUM="2",
         EPOCHS="2", BATCH_SIZE_TRAIN="128", N_LATENTS_MULTIPLIER="2", TOP_K="4",
+        EVAL_LIMIT="40", BROWSER_LATENTS="10",
         VENV=str(REPO / ".venv"), SAE_MODULES="",
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
     )

@@ -142,12 +142,13 @@ def test_each_script_alone(slurm_cluster, tiny_model, job_dir, tmp_path, referen
 def submit_pipeline(cluster: SlurmCluster, args: list[str], cwd: Path, env: dict[str, str]) -> dict[str, str]:
     proc = cluster.run([PIPELINE, *args], cwd=cwd, env=env)
     out = dict(line.split("=", 1) for line in proc.stdout.split() if "=" in line)
-    assert {"run_id", "sae_run_id", "capture_job", "train_job"} <= out.keys(), proc.stdout
+    assert {"run_id", "sae_run_id", "capture_job", "train_job", "eval_job"} <= out.keys(), proc.stdout
     return out
 
 
 def test_pipeline_chained_with_overrides(slurm_cluster, tiny_model, job_dir, tmp_path, reference):
-    """submit_pipeline.sh: capture, then training after it (afterok), one run id; #SBATCH lines overridden."""
+    """submit_pipeline.sh: capture, training after it, evaluation after that (afterok), one run id; #SBATCH lines
+    overridden."""
     store = tmp_path / "store"
     env = base_env(tiny_model, store)
     overrides = ["--time=5", "--mem=1G", "--cpus-per-task=1"]
@@ -155,8 +156,11 @@ def test_pipeline_chained_with_overrides(slurm_cluster, tiny_model, job_dir, tmp
     cap, train = ids["capture_job"], ids["train_job"]
     pending = slurm_cluster.job(train)[0]
     assert pending.raw["Dependency"].startswith(f"afterok:{cap}"), pending.raw["Dependency"]
-    final = slurm_cluster.wait([cap, train], timeout=300)
+    evaluation = ids["eval_job"]
+    assert slurm_cluster.job(evaluation)[0].raw["Dependency"].startswith(f"afterok:{train}")
+    final = slurm_cluster.wait([cap, train, evaluation], timeout=400)
     assert_completed(slurm_cluster, final, job_dir)
+    assert final[evaluation].raw["StartTime"] >= final[train].raw["EndTime"]
     for job in (cap, train):
         raw = final[job].raw
         assert (raw["TimeLimit"], raw["MinMemoryNode"], raw["NumCPUs"]) == ("00:05:00", "1G", "1"), raw
@@ -168,6 +172,7 @@ def test_pipeline_chained_with_overrides(slurm_cluster, tiny_model, job_dir, tmp
     assert run_id in json.dumps(sae_meta)  # trained on the pipeline's own run, by id
     assert (store / "runs" / sae_run_id / "model.pt").exists()
     assert (store / "sae_run_id.txt").read_text().strip() == sae_run_id
+    assert (store / "runs" / sae_run_id / "evaluation" / "metrics.json").exists()
 
 
 def test_array_capture_then_training(slurm_cluster, tiny_model, job_dir, tmp_path, reference):
@@ -175,8 +180,8 @@ def test_array_capture_then_training(slurm_cluster, tiny_model, job_dir, tmp_pat
     store = tmp_path / "store"
     env = base_env(tiny_model, store)  # 200 docs, 25 per shard: 8 shards, 2 per task
     ids = submit_pipeline(slurm_cluster, ["--array=0-3"], job_dir, env)
-    cap, train = ids["capture_job"], ids["train_job"]
-    final = slurm_cluster.wait([cap, train], timeout=400, expect_tasks=5)
+    cap, train, evaluation = ids["capture_job"], ids["train_job"], ids["eval_job"]
+    final = slurm_cluster.wait([cap, train, evaluation], timeout=500, expect_tasks=6)
     assert_completed(slurm_cluster, final, job_dir)
     tasks = {k: v for k, v in final.items() if k.startswith(f"{cap}_")}
     assert sorted(tasks) == [f"{cap}_{i}" for i in range(4)]
