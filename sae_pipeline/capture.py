@@ -247,7 +247,7 @@ def save_activations(settings: CaptureSettings, run_id: str | None = None,
         mine = range(settings.capture_task_id, manifest["n_shards"], settings.capture_task_count)
     done = run.completed_shards()
     todo = [i for i in mine if i not in done]
-    _remove_my_stale_temporaries(run, set(mine))
+    run.remove_stale_temporaries(set(mine))
     if len(todo) < len(mine):
         print(f"resuming run {run_id!r}: {len(mine) - len(todo)} of {len(mine)} shards already on disk",
               file=sys.stderr)
@@ -293,16 +293,6 @@ def _probe_width(capturer: Capturer) -> int:
         raise PipelineError(f"the hook {capturer.detector.layer_signature!r} does not produce per-token activations; "
                             "choose another LAYER_SIGNATURE")
     return int(capturer.detector.captured.shape[-1])
-
-
-def _remove_my_stale_temporaries(run: ActivationRun, mine: set[int]) -> None:
-    """Temporaries of killed writers; in an array, only this task's own shards are touched."""
-    import shutil
-
-    for p in run.dir.glob(".tmp_batch_*"):
-        parts = p.name.split("_")
-        if len(parts) > 2 and parts[2].isdigit() and int(parts[2]) in mine:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def _print_summary(summary: CaptureSummary, run: ActivationRun, final: dict[str, Any] | None, signature: str,

@@ -186,10 +186,13 @@ class ActivationRun:
                 done.add(int(suffix))
         return done
 
-    def remove_stale_temporaries(self) -> None:
-        """Left behind by a killed writer; never read, safe to delete before resuming."""
+    def remove_stale_temporaries(self, shards: set[int] | None = None) -> None:
+        """Left behind by a killed writer, never read. In an array only a task's own ``shards`` are touched, since
+        the other tasks may be writing theirs right now."""
         for p in self.dir.glob(".tmp_batch_*"):
-            shutil.rmtree(p, ignore_errors=True)
+            index = p.name.split("_")[2]
+            if shards is None or (index.isdigit() and int(index) in shards):
+                shutil.rmtree(p, ignore_errors=True)
 
     def write_shard(self, index: int, layer_signature: str, activations: torch.Tensor,
                     provenance: torch.Tensor, info: dict[str, Any]) -> int:

@@ -222,6 +222,14 @@ def test_stale_temporaries_are_not_shards_and_are_removed(tmp_path):
     assert run.completed_shards() == {0}
 
 
+def test_an_array_task_removes_only_its_own_temporaries(tmp_path):
+    run = _write_run(Store(tmp_path), "r", shard_sizes=(3,), complete=False)
+    for name in (".tmp_batch_1_123_ab", ".tmp_batch_2_456_cd"):
+        (run.dir / name).mkdir()
+    run.remove_stale_temporaries({1, 3})
+    assert [p.name for p in run.dir.glob(".tmp_batch_*")] == [".tmp_batch_2_456_cd"]
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupted_shard_names_the_file(tmp_path, damage):
     run = _write_run(Store(tmp_path), "r", shard_sizes=(16,))
