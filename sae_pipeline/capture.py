@@ -108,6 +108,32 @@ class Capturer:
     def _stop(module, input, output):
         raise _StopForward
 
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                keep: torch.Tensor) -> torch.Tensor:
+        """One forward pass stopped after the hooked layer: the ``keep`` rows in the storage dtype, on the CPU.
+
+        Position ids come from the mask, as in generation, so a left-padded document gets the positions it has
+        alone; the rows are selected on the device, so only real tokens cross to the host.
+        """
+        self.detector.keep, self.detector.captured = keep.to(self.device), None
+        with torch.inference_mode():
+            try:
+                self.lm.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                              position_ids=positions.to(self.device), use_cache=False)
+            except _StopForward:
+                pass
+        captured = self.detector.captured
+        if captured is None or captured.ndim != 2:
+            raise PipelineError(f"the hook {self.detector.layer_signature!r} does not give one activation vector per "
+                                "token; choose another LAYER_SIGNATURE (discover_layers.py --all lists them)")
+        return captured.cpu()
+
+    def width(self) -> int:
+        """d_model as the hook sees it (one short forward): measured, not read from a config that may not apply."""
+        ids, mask = pad_batch([self.tokenizer("probe")["input_ids"]], self.tokenizer.pad_token_id,
+                              self.tokenizer.padding_side == "left")
+        return int(self.forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), mask.bool()).shape[-1])
+
     def shard(self, texts: list[str], doc_indices: list[int], progress: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations [n_real, d] and provenance (doc, position, token id) of the documents, in document order."""
         encoded = self.tokenizer(texts, truncation=True, max_length=self.settings.max_length)["input_ids"]
@@ -120,17 +146,7 @@ class Capturer:
             ids, mask = pad_batch([encoded[i] for i in rows], self.tokenizer.pad_token_id, left)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             keep = keep_mask(ids, mask, self.special_ids, self.settings.keep_special_tokens)
-            self.detector.keep, self.detector.captured = keep.to(self.device), None
-            with torch.inference_mode():
-                try:
-                    self.lm.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  position_ids=positions.to(self.device), use_cache=False)
-                except _StopForward:
-                    pass
-            if self.detector.captured is None:
-                raise PipelineError(f"the hook {self.detector.layer_signature!r} did not fire during the forward pass; "
-                                    "choose another LAYER_SIGNATURE")
-            acts.append(self.detector.captured.cpu())
+            acts.append(self.forward(ids, mask, positions, keep))
             docs = torch.tensor([doc_indices[i] for i in rows], dtype=torch.int32)[:, None].expand_as(ids)
             provs.append(torch.stack([docs[keep], positions[keep].int(), ids[keep].int()], dim=1))
             self.tokens_seen += int(keep.sum())
@@ -228,7 +244,7 @@ def save_activations(settings: CaptureSettings, run_id: str | None = None,
     signature = resolve_signature(names, settings.layer_num, settings.layer_signature, num_layers(config))
 
     capturer = Capturer(lm, signature, settings)
-    d_model = _probe_width(capturer)
+    d_model = capturer.width()
     manifest = _manifest(settings, run_id, signature, d_model, model_dtype, len(texts), num_layers(config),
                          sorted(set(lm.tokenizer.all_special_ids)))
     if run.exists():
@@ -276,23 +292,6 @@ def save_activations(settings: CaptureSettings, run_id: str | None = None,
     summary = CaptureSummary(run_id, final is not None, n_tokens, written, n_empty, size, time.time() - started)
     _print_summary(summary, run, final, signature, d_model, settings)
     return summary
-
-
-def _probe_width(capturer: Capturer) -> int:
-    """d_model as the hook actually sees it (one short forward), so non-standard hook points are measured, not guessed."""
-    tok = capturer.tokenizer
-    ids, mask = pad_batch([tok("probe")["input_ids"]], tok.pad_token_id, tok.padding_side == "left")
-    capturer.detector.keep, capturer.detector.captured = torch.ones_like(mask, dtype=torch.bool).to(capturer.device), None
-    with torch.inference_mode():
-        try:
-            capturer.lm.model(input_ids=ids.to(capturer.device), attention_mask=mask.to(capturer.device),
-                              use_cache=False)
-        except _StopForward:
-            pass
-    if capturer.detector.captured is None or capturer.detector.captured.ndim != 2:
-        raise PipelineError(f"the hook {capturer.detector.layer_signature!r} does not produce per-token activations; "
-                            "choose another LAYER_SIGNATURE")
-    return int(capturer.detector.captured.shape[-1])
 
 
 def _print_summary(summary: CaptureSummary, run: ActivationRun, final: dict[str, Any] | None, signature: str,
