@@ -25,22 +25,13 @@
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_train_sae.sh); SAE_GPUS_PER_NODE (default:
 # the GPUs SLURM gave this node); SAE_RDZV_PORT (default 29500), the rendezvous port on the first node.
 
-# Find the project: SLURM runs a copy of this file from its spool dir, so $0 does not point into it.
-sae_find_project() {
-    local d cmd
-    if [ -n "${PIPELINE_DIR:-}" ]; then
-        [ -f "$PIPELINE_DIR/slurm/common.sh" ] && (cd "$PIPELINE_DIR" && pwd) && return 0
-        echo "error: PIPELINE_DIR=$PIPELINE_DIR is not the pipeline folder (no slurm/common.sh in it)" >&2
-        return 1
-    fi
-    cmd=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n 1)
-    for d in "${SLURM_SUBMIT_DIR:-}" "${cmd:+$(dirname "$cmd")}" "$(dirname "${BASH_SOURCE[0]}")"; do
-        [ -n "$d" ] && [ -f "$d/slurm/common.sh" ] && (cd "$d" && pwd) && return 0
-    done
-    echo "error: cannot find the pipeline folder; submit from it or set PIPELINE_DIR=/path/to/it" >&2
-    return 1
-}
-SAE_PROJECT_DIR=$(sae_find_project) || exit 2
+# Find the project (SLURM runs a spool copy of this file, so $0 is no guide), then load the shared helpers.
+SAE_PROJECT_DIR=
+for d in "${PIPELINE_DIR:-}" "${SLURM_SUBMIT_DIR:-}" "$(dirname "$(scontrol show job "${SLURM_JOB_ID:-none}" \
+        2>/dev/null | sed -n 's/^ *Command=//p' | head -n 1)")" "$(dirname "${BASH_SOURCE[0]}")"; do
+    [ -f "$d/slurm/common.sh" ] && SAE_PROJECT_DIR=$(cd "$d" && pwd) && break
+done
+[ -n "$SAE_PROJECT_DIR" ] || { echo "error: cannot find the pipeline folder; submit from it or set PIPELINE_DIR" >&2; exit 2; }
 # shellcheck source=slurm/common.sh
 . "$SAE_PROJECT_DIR/slurm/common.sh"
 

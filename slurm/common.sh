@@ -17,6 +17,11 @@
 #
 # Expects SAE_PROJECT_DIR (the folder holding 01_save_activations.py) to be set by the caller.
 
+if [ -n "${PIPELINE_DIR:-}" ] && [ "$(cd "$PIPELINE_DIR" 2>/dev/null && pwd)" != "$SAE_PROJECT_DIR" ]; then
+    echo "error: PIPELINE_DIR=$PIPELINE_DIR is not the pipeline folder (no slurm/common.sh in it)" >&2
+    exit 2
+fi
+
 SAE_EXIT_RESUMABLE=75     # sae_pipeline/preemption.py EXIT_RESUMABLE
 SAE_EXIT_USAGE=2          # user error, as the Python steps use
 
