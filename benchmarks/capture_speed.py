@@ -21,20 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from sae_pipeline.capture import Capturer, pad_batch, save_activations
 from sae_pipeline.model import load_language_model
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.tiny_model import build_benchmark_llama, load_sample_texts
 
 
 class Stop(Exception):
     pass
-
-
-def build_model(out: Path, bielik_shape: bool) -> Path:
-    texts = load_sample_texts()
-    if bielik_shape:  # Bielik-1.5B's shape, random weights
-        return build_tiny_llama(out, texts, hidden_size=1536, num_layers=32, num_heads=12, num_kv_heads=2,
-                                intermediate_size=8960, vocab_size=32000)
-    return build_tiny_llama(out, texts, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
-                            intermediate_size=1376, vocab_size=4000)
 
 
 def bare_forward(model, tokenizer, texts, layer, batch_size, max_length, device, sort_by_length):
@@ -81,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp())
-    model_dir = build_model(tmp / "model", args.bielik_shape)
+    model_dir = build_benchmark_llama(tmp / "model", args.bielik_shape)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     texts = [t for t in load_sample_texts() if t.strip()]
     texts = (texts * (args.docs // len(texts) + 1))[:args.docs]

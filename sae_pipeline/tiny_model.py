@@ -99,6 +99,19 @@ def build_tiny_llama(
     return out_dir
 
 
+# Random-weight models the benchmarks time: a CPU-sized Llama, and one with Bielik-1.5B's exact shape (for a GPU).
+BENCHMARK_SHAPES = {
+    "cpu": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376, vocab_size=4000),
+    "bielik-1.5b": dict(hidden_size=1536, num_layers=32, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+                        vocab_size=32000),
+}
+
+
+def build_benchmark_llama(out_dir: Path, bielik_shape: bool) -> Path:
+    shape = BENCHMARK_SHAPES["bielik-1.5b" if bielik_shape else "cpu"]
+    return build_tiny_llama(out_dir, load_sample_texts(), **shape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build a tiny random Llama with a Bielik-like tokenizer.")
     parser.add_argument("out_dir", type=Path)
