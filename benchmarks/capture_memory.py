@@ -21,8 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def peak_rss_mib(env: dict[str, str]) -> float:
-    proc = subprocess.Popen([sys.executable, str(REPO / "01_save_activations.py")], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "01_save_activations.py")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(proc.stderr.read().decode())
@@ -38,14 +43,25 @@ def main() -> None:
     with data.open("w", encoding="utf-8") as f:
         for i in range(4 * small):
             f.write(json.dumps({"text": texts[i % len(texts)]}, ensure_ascii=False) + "\n")
-    base = {**os.environ, "MODEL_ID": str(model), "HF_DATASET": str(data), "DEVICE": "cpu", "MAX_LENGTH": "64",
-            "BATCH_SIZE_SAVE": "32", "DOCS_PER_SHARD": "200", "LAYER_NUM": "2", "STORE_DTYPE": "float32"}
+    base = {
+        **os.environ,
+        "MODEL_ID": str(model),
+        "HF_DATASET": str(data),
+        "DEVICE": "cpu",
+        "MAX_LENGTH": "64",
+        "BATCH_SIZE_SAVE": "32",
+        "DOCS_PER_SHARD": "200",
+        "LAYER_NUM": "2",
+        "STORE_DTYPE": "float32",
+    }
     results = {}
     for limit in (small, 4 * small):
         results[limit] = peak_rss_mib({**base, "DATA_LIMIT": str(limit), "STORE_DIR": str(tmp / f"store{limit}")})
     ratio = results[4 * small] / results[small]
-    print(f"peak RSS: DATA_LIMIT={small}: {results[small]:.0f} MiB, DATA_LIMIT={4 * small}: "
-          f"{results[4 * small]:.0f} MiB, ratio {ratio:.3f} (target <= 1.10)")
+    print(
+        f"peak RSS: DATA_LIMIT={small}: {results[small]:.0f} MiB, DATA_LIMIT={4 * small}: "
+        f"{results[4 * small]:.0f} MiB, ratio {ratio:.3f} (target <= 1.10)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def bare_forward(model, tokenizer, texts, layer, batch_size, max_length, device,
     left = tokenizer.padding_side == "left"
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
-            ids, mask = pad_batch([ids_all[i] for i in order[s:s + batch_size]], tokenizer.pad_token_id, left)
+            ids, mask = pad_batch([ids_all[i] for i in order[s : s + batch_size]], tokenizer.pad_token_id, left)
             try:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except Stop:
@@ -75,14 +75,22 @@ def main() -> None:
     model_dir = build_benchmark_llama(tmp / "model", args.bielik_shape)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     texts = [t for t in load_sample_texts() if t.strip()]
-    texts = (texts * (args.docs // len(texts) + 1))[:args.docs]
+    texts = (texts * (args.docs // len(texts) + 1))[: args.docs]
     n_layers = LlamaConfig.from_pretrained(model_dir).num_hidden_layers
     layer = args.layer if args.layer is not None else n_layers // 2
     sig = f"llamaforcausallm_model_layers_{layer}_post_attention_layernorm"
 
-    settings = CaptureSettings(model_id=str(model_dir), store_dir=tmp / "store", device=args.device,
-                               hf_dataset="unused", max_length=args.max_length, batch_size_save=args.batch_size,
-                               layer_num=layer, keep_special_tokens=False, store_dtype="bfloat16")
+    settings = CaptureSettings(
+        model_id=str(model_dir),
+        store_dir=tmp / "store",
+        device=args.device,
+        hf_dataset="unused",
+        max_length=args.max_length,
+        batch_size_save=args.batch_size,
+        layer_num=layer,
+        keep_special_tokens=False,
+        store_dtype="bfloat16",
+    )
     lm = load_language_model(str(model_dir), tmp / "store", device, dtype)
     capturer = Capturer(lm, sig, settings)
     bare_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -104,23 +112,27 @@ def main() -> None:
 
     paths = {
         "bare forward, same (length-sorted) batches": lambda: bare_forward(
-            bare_model, tokenizer, texts, layer, args.batch_size, args.max_length, device, True),
+            bare_model, tokenizer, texts, layer, args.batch_size, args.max_length, device, True
+        ),
         "bare forward, batches in file order": lambda: bare_forward(
-            bare_model, tokenizer, texts, layer, args.batch_size, args.max_length, device, False),
+            bare_model, tokenizer, texts, layer, args.batch_size, args.max_length, device, False
+        ),
         "ours: Capturer (mi_crow detector, mask on device, early stop)": ours,
     }
     if args.mi_crow:
         plain_lm = load_language_model(str(model_dir), tmp / "mi_crow_store", device, dtype)
 
         def mi_crow_save():
-            plain_lm.activations.save_activations(texts, sig, batch_size=args.batch_size, max_length=args.max_length,
-                                                  dtype=torch.bfloat16, autocast=False)
+            plain_lm.activations.save_activations(
+                texts, sig, batch_size=args.batch_size, max_length=args.max_length, dtype=torch.bfloat16, autocast=False
+            )
             return None
+
         paths["mi_crow save_activations (writes to disk)"] = mi_crow_save
 
     times = {name: [] for name in paths}
     tokens = {}
-    for name, fn in paths.items():  # warm-up
+    for fn in paths.values():  # warm-up
         fn()
     for _ in range(args.repeats):
         for name, fn in paths.items():
@@ -129,18 +141,26 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-            tokens[name] = n if n is not None else tokens.get("ours: Capturer (mi_crow detector, mask on device, early stop)")
+            tokens[name] = (
+                n if n is not None else tokens.get("ours: Capturer (mi_crow detector, mask on device, early stop)")
+            )
     real = tokens["ours: Capturer (mi_crow detector, mask on device, early stop)"]
     base = statistics.median(times["bare forward, same (length-sorted) batches"])
-    print(f"model {'Bielik-1.5B shape' if args.bielik_shape else 'hidden 512, 8 layers'}, layer {layer}, {args.device} "
-          f"{args.dtype}, {len(texts)} docs, batch {args.batch_size} x max {args.max_length}, {real:,} real tokens "
-          f"(BOS excluded), torch threads {torch.get_num_threads()}")
+    print(
+        f"model {'Bielik-1.5B shape' if args.bielik_shape else 'hidden 512, 8 layers'}, layer {layer}, {args.device} "
+        f"{args.dtype}, {len(texts)} docs, batch {args.batch_size} x max {args.max_length}, {real:,} real tokens "
+        f"(BOS excluded), torch threads {torch.get_num_threads()}"
+    )
     for name in paths:
         med = statistics.median(times[name])
         print(f"  {name:62s} {med:8.3f} s  {real / med:10,.0f} real tok/s  ratio vs bare {base / med:5.2f}")
 
-    run_settings = settings.model_copy(update={"hf_dataset": str(Path(__file__).resolve().parent.parent / "data" /
-                                                                  "polish_sample.jsonl"), "data_limit": 400})
+    run_settings = settings.model_copy(
+        update={
+            "hf_dataset": str(Path(__file__).resolve().parent.parent / "data" / "polish_sample.jsonl"),
+            "data_limit": 400,
+        }
+    )
     summary = save_activations(run_settings, run_id="bytes")
     d = lm.model.config.hidden_size
     per_token = summary.bytes_written / summary.n_tokens

@@ -52,7 +52,7 @@ def main() -> None:
     d = lm.model.config.hidden_size
     sig = f"llamaforcausallm_model_layers_{n_layers // 2}_post_attention_layernorm"
     texts = [t for t in load_sample_texts() if t.strip()]
-    texts = (texts * (args.docs // len(texts) + 1))[:args.docs]
+    texts = (texts * (args.docs // len(texts) + 1))[: args.docs]
     batches = [b.to(device) for b in make_batches(lm.tokenizer, texts, args.max_length, args.batch_size, False)]
     n_tokens = sum(b.n_real for b in batches)
     sae = PipelineSae(8 * d, d, 32).to_device(device)
@@ -91,25 +91,35 @@ def main() -> None:
                 for c, s in res.seconds.items():
                     per_cond[c].append(s)
     bare_rate = n_tokens / statistics.median(times["bare"])
-    rows = [("bare full forward (no hook, logits unused)", bare_rate),
-            ("step 3 clean condition (idle splice + masked CE)", n_tokens / statistics.median(times["clean"]))]
+    rows = [
+        ("bare full forward (no hook, logits unused)", bare_rate),
+        ("step 3 clean condition (idle splice + masked CE)", n_tokens / statistics.median(times["clean"])),
+    ]
     rows += [(f"4-condition pass: {c}", n_tokens / statistics.median(per_cond[c])) for c in CONDITIONS]
     rows.append(("4-condition pass, whole (per condition)", 4 * n_tokens / statistics.median(times["all"])))
-    shape = "Bielik-1.5B shape (d 1536, 32 layers, vocab 32000)" if args.bielik_shape else \
-        "random Llama d 512, 8 layers, vocab 4000"
-    header = (f"{shape}, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, {len(texts)} docs, "
-              f"{n_tokens:,} real tokens, batch {args.batch_size}, max length {args.max_length}, SAE {8 * d} "
-              f"latents k=32 at {sig}, median of {args.repeats} interleaved runs, "
-              f"{platform.processor() or platform.machine()} with {os.cpu_count()} cores, load average "
-              f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} (other processes slow both paths alike only when "
-              "the load is steady)")
+    shape = (
+        "Bielik-1.5B shape (d 1536, 32 layers, vocab 32000)"
+        if args.bielik_shape
+        else "random Llama d 512, 8 layers, vocab 4000"
+    )
+    header = (
+        f"{shape}, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}, {len(texts)} docs, "
+        f"{n_tokens:,} real tokens, batch {args.batch_size}, max length {args.max_length}, SAE {8 * d} "
+        f"latents k=32 at {sig}, median of {args.repeats} interleaved runs, "
+        f"{platform.processor() or platform.machine()} with {os.cpu_count()} cores, load average "
+        f"{load_before:.1f} -> {os.getloadavg()[0]:.1f} (other processes slow both paths alike only when "
+        "the load is steady)"
+    )
     table = ["| path | tokens/s | vs bare |", "|---|---|---|"]
     table += [f"| {name} | {rate:,.0f} | {rate / bare_rate:.2f} |" for name, rate in rows]
     text = "\n".join([header, "", *table])
     print(text)
     if args.append_results:
-        cmd = "uv run python benchmarks/eval_speed.py" + (" --bielik-shape" if args.bielik_shape else "") + \
-              (f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "")
+        cmd = (
+            "uv run python benchmarks/eval_speed.py"
+            + (" --bielik-shape" if args.bielik_shape else "")
+            + (f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else "")
+        )
         with RESULTS.open("a", encoding="utf-8") as f:
             f.write(f"\n## Evaluation\n\n`{cmd}` ({time.strftime('%Y-%m-%d')}): {text}\n")
 

@@ -67,8 +67,9 @@ def capture(store: Store, n_tokens: int, shard_tokens: int = 20_000) -> Activati
     while total < n_tokens:
         batch = [texts[(i + j) % len(texts)] for j in range(32)]
         i += 32
-        enc = tok(batch, padding=True, truncation=True, max_length=128, return_tensors="pt",
-                  return_special_tokens_mask=True)
+        enc = tok(
+            batch, padding=True, truncation=True, max_length=128, return_tensors="pt", return_special_tokens_mask=True
+        )
         special = enc.pop("special_tokens_mask").bool()
         with torch.inference_mode():
             hidden = model(**enc, output_hidden_states=True).hidden_states[4]  # output of block 3 (0-based)
@@ -77,15 +78,30 @@ def capture(store: Store, n_tokens: int, shard_tokens: int = 20_000) -> Activati
         total += int(keep.sum())
         if sum(k.shape[0] for k in kept) >= shard_tokens or total >= n_tokens:
             acts = torch.cat(kept)
-            run.write_shard(shard, LAYER, acts, torch.zeros(acts.shape[0], 3, dtype=torch.int32),
-                            {"n_tokens": acts.shape[0]})
+            run.write_shard(
+                shard, LAYER, acts, torch.zeros(acts.shape[0], 3, dtype=torch.int32), {"n_tokens": acts.shape[0]}
+            )
             shard, kept = shard + 1, []
             print(f"captured {total:,} tokens", file=sys.stderr)
-    run.write_meta({"kind": "activations", "status": "complete", "run_id": RUN, "model_id": str(path),
-                    "layer_signature": LAYER, "hook_side": "output", "d_model": int(hidden.shape[-1]),
-                    "store_dtype": "float32", "n_tokens": total, "n_shards": shard, "n_documents": i,
-                    "dataset": {"name": "pydoc_data.topics + polish_sample"}, "max_length": 128, "seed": 0,
-                    "versions": {}})
+    run.write_meta(
+        {
+            "kind": "activations",
+            "status": "complete",
+            "run_id": RUN,
+            "model_id": str(path),
+            "layer_signature": LAYER,
+            "hook_side": "output",
+            "d_model": int(hidden.shape[-1]),
+            "store_dtype": "float32",
+            "n_tokens": total,
+            "n_shards": shard,
+            "n_documents": i,
+            "dataset": {"name": "pydoc_data.topics + polish_sample"},
+            "max_length": 128,
+            "seed": 0,
+            "versions": {},
+        }
+    )
     return run
 
 
@@ -104,15 +120,31 @@ def run_ours(store: Store, k: int, epochs: int, batch: int, lr: float, seed: int
     from sae_pipeline.train import train_sae
 
     sid = f"ours_k{k}_lr{lr:g}_e{epochs}_b{batch}_s{seed}"
-    settings = TrainSettings(store_dir=store.root, top_k=k, epochs=epochs, batch_size_train=batch, lr=lr,
-                             device="cpu", seed=seed, log_every_steps=50, checkpoint_every_steps=10_000)
+    settings = TrainSettings(
+        store_dir=store.root,
+        top_k=k,
+        epochs=epochs,
+        batch_size_train=batch,
+        lr=lr,
+        device="cpu",
+        seed=seed,
+        log_every_steps=50,
+        checkpoint_every_steps=10_000,
+    )
     t = time.time()
     out = train_sae(settings, RUN, sid)
     meta = json.loads((out / "meta.json").read_text())
     ho = meta["final_metrics"]["holdout"]
-    return {"trainer": "ours", "k": k, "lr": lr, "fvu": ho["fvu"], "l0": ho["l0"],
-            "never_fired_fraction": ho["never_fired_fraction"], "dead_fraction": ho["dead_fraction"],
-            "seconds": round(meta.get("elapsed_s", time.time() - t), 1)}
+    return {
+        "trainer": "ours",
+        "k": k,
+        "lr": lr,
+        "fvu": ho["fvu"],
+        "l0": ho["l0"],
+        "never_fired_fraction": ho["never_fired_fraction"],
+        "dead_fraction": ho["dead_fraction"],
+        "seconds": round(meta.get("elapsed_s", time.time() - t), 1),
+    }
 
 
 def run_sparsify(loader: TokenLoader, d: int, k: int, epochs: int) -> dict:
@@ -146,8 +178,13 @@ def run_sparsify(loader: TokenLoader, d: int, k: int, epochs: int) -> dict:
         z = torch.zeros(x.shape[0], sae.num_latents).scatter(-1, out.latent_indices, out.latent_acts)
         return z, out.sae_out
 
-    return {"trainer": "sparsify (signum, default lr)", "k": k, "lr": round(lr, 5),
-            **holdout_metrics(forward, loader, d, sae.num_latents), "seconds": round(seconds, 1)}
+    return {
+        "trainer": "sparsify (signum, default lr)",
+        "k": k,
+        "lr": round(lr, 5),
+        **holdout_metrics(forward, loader, d, sae.num_latents),
+        "seconds": round(seconds, 1),
+    }
 
 
 def run_mi_crow(store: Store, loader: TokenLoader, d: int, k: int, epochs: int, batch: int) -> dict:
@@ -159,16 +196,19 @@ def run_mi_crow(store: Store, loader: TokenLoader, d: int, k: int, epochs: int, 
     if not train_run.is_complete():
         for s in loader.shards:
             acts = loader.read(s)[: s.n_train]
-            train_run.write_shard(s.index, LAYER, acts, torch.zeros(acts.shape[0], 3, dtype=torch.int32),
-                                  {"n_tokens": acts.shape[0]})
+            train_run.write_shard(
+                s.index, LAYER, acts, torch.zeros(acts.shape[0], 3, dtype=torch.int32), {"n_tokens": acts.shape[0]}
+            )
         train_run.write_meta({**loader.run.read_meta(), "run_id": train_run.run_id})
     torch.manual_seed(0)
     sae = TopKSae(n_latents=4 * d, n_inputs=d)
-    cfg = TopKSaeTrainingConfig(k=k, epochs=epochs, batch_size=batch, lr=1e-3, l1_lambda=1e-4, device="cpu",
-                                use_amp=False, verbose=False)
+    cfg = TopKSaeTrainingConfig(
+        k=k, epochs=epochs, batch_size=batch, lr=1e-3, l1_lambda=1e-4, device="cpu", use_amp=False, verbose=False
+    )
     t = time.time()
-    sae.train(LocalStore(base_path=str(store.root)), train_run.run_id, LAYER, cfg,
-              training_run_id=f"microw_k{k}_e{epochs}")
+    sae.train(
+        LocalStore(base_path=str(store.root)), train_run.run_id, LAYER, cfg, training_run_id=f"microw_k{k}_e{epochs}"
+    )
     seconds = time.time() - t
     eng = sae.sae_engine.eval()
 
@@ -176,8 +216,13 @@ def run_mi_crow(store: Store, loader: TokenLoader, d: int, k: int, epochs: int, 
         _, z, x_hat = eng(x)
         return z, x_hat
 
-    return {"trainer": "mi_crow SaeTrainer (lr 1e-3, L1 1e-4)", "k": k, "lr": 1e-3,
-            **holdout_metrics(forward, loader, d, 4 * d), "seconds": round(seconds, 1)}
+    return {
+        "trainer": "mi_crow SaeTrainer (lr 1e-3, L1 1e-4)",
+        "k": k,
+        "lr": 1e-3,
+        **holdout_metrics(forward, loader, d, 4 * d),
+        "seconds": round(seconds, 1),
+    }
 
 
 def main() -> None:
@@ -196,9 +241,12 @@ def main() -> None:
     meta = run.read_meta()
     d = int(meta["d_model"])
     loader = TokenLoader(run, LAYER, d, args.batch, 0.05, 42, 1 << 20)
-    print(f"# {meta['n_tokens']:,} tokens (train {loader.n_train:,}, held-out {loader.n_holdout:,}), d={d}, "
-          f"{args.epochs} epochs, batch {args.batch}; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    print(
+        f"# {meta['n_tokens']:,} tokens (train {loader.n_train:,}, held-out {loader.n_holdout:,}), d={d}, "
+        f"{args.epochs} epochs, batch {args.batch}; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}",
+        flush=True,
+    )
     skip = set(filter(None, args.skip.split(",")))
     rows = []
     for k in map(int, args.ks.split(",")):
@@ -212,10 +260,15 @@ def main() -> None:
         if "mi_crow" not in skip:
             rows.append(run_mi_crow(store, loader, d, k, args.epochs, args.batch))
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| trainer | k | lr | held-out FVU | L0 | never fired | dead (train window) | s |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| trainer | k | lr | held-out FVU | L0 | never fired | dead (train window) | s |"
+        "\n|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['trainer']} | {r['k']} | {r['lr']:g} | {r['fvu']:.4f} | {r['l0']:.1f} | "
-              f"{r['never_fired_fraction']:.1%} | {r.get('dead_fraction', math.nan):.1%} | {r['seconds']} |")
+        print(
+            f"| {r['trainer']} | {r['k']} | {r['lr']:g} | {r['fvu']:.4f} | {r['l0']:.1f} | "
+            f"{r['never_fired_fraction']:.1%} | {r.get('dead_fraction', math.nan):.1%} | {r['seconds']} |"
+        )
 
 
 if __name__ == "__main__":

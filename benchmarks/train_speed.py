@@ -42,10 +42,25 @@ def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_00
         n = min(shard_tokens, n_tokens - start)
         acts = (torch.randn(n, d, generator=gen) + torch.randn(d, generator=gen)).to(torch.bfloat16)
         run.write_shard(i, LAYER, acts, torch.zeros(n, 3, dtype=torch.int32), {"n_tokens": n})
-    run.write_meta({"kind": "activations", "status": "complete", "run_id": run_id, "model_id": "synthetic",
-                    "layer_signature": LAYER, "hook_side": "output", "d_model": d, "store_dtype": "bfloat16",
-                    "n_tokens": n_tokens, "n_shards": i + 1, "n_documents": 0, "dataset": {}, "max_length": 0,
-                    "seed": 0, "versions": {}})
+    run.write_meta(
+        {
+            "kind": "activations",
+            "status": "complete",
+            "run_id": run_id,
+            "model_id": "synthetic",
+            "layer_signature": LAYER,
+            "hook_side": "output",
+            "d_model": d,
+            "store_dtype": "bfloat16",
+            "n_tokens": n_tokens,
+            "n_shards": i + 1,
+            "n_documents": 0,
+            "dataset": {},
+            "max_length": 0,
+            "seed": 0,
+            "versions": {},
+        }
+    )
     return run_id
 
 
@@ -63,7 +78,7 @@ def bare_loop(x_all: torch.Tensor, n_latents: int, k: int, batch: int, lr: float
     perm = torch.randperm(x_all.shape[0], device=device)
     t = time.perf_counter()
     for s in range(0, x_all.shape[0], batch):
-        x = x_all[perm[s:s + batch]]
+        x = x_all[perm[s : s + batch]]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pre = torch.nn.functional.linear(x - b_dec, w_enc, b_enc)
             top = torch.relu(pre).topk(k, dim=-1)
@@ -93,8 +108,15 @@ def main() -> None:
     run_id = args.run or synthetic_run(store, args.d, args.tokens)
     meta = ActivationRun(store, run_id).read_meta()
     d, layer = int(meta["d_model"]), meta["layer_signature"]
-    settings = TrainSettings(store_dir=store.root, top_k=args.k, epochs=1, batch_size_train=args.batch,
-                             device=args.device, checkpoint_every_steps=10_000, log_every_steps=50)
+    settings = TrainSettings(
+        store_dir=store.root,
+        top_k=args.k,
+        epochs=1,
+        batch_size_train=args.batch,
+        device=args.device,
+        checkpoint_every_steps=10_000,
+        log_every_steps=50,
+    )
     loader = TokenLoader(ActivationRun(store, run_id), layer, d, args.batch, settings.holdout_fraction, 0, 1 << 20)
     x_all = torch.cat([b.float() for b in loader.iter_epoch(0)]).to(args.device)  # the same tokens, in memory
 
@@ -103,12 +125,24 @@ def main() -> None:
     m = json.loads((out / "meta.json").read_text())
     ours = m["tokens_trained"] / m["elapsed_s"]
     bare2 = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr)  # again, to bracket machine noise
-    print(json.dumps({"d_in": d, "n_latents": 4 * d, "k": args.k, "batch": args.batch,
-                      "tokens": m["tokens_trained"], "ours_tokens_per_s": round(ours),
-                      "bare_tokens_per_s": [round(bare), round(bare2)],
-                      "ratio": round(ours / ((bare + bare2) / 2), 3), "threads": torch.get_num_threads(),
-                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                      "date": time.strftime("%Y-%m-%d")}))
+    print(
+        json.dumps(
+            {
+                "d_in": d,
+                "n_latents": 4 * d,
+                "k": args.k,
+                "batch": args.batch,
+                "tokens": m["tokens_trained"],
+                "ours_tokens_per_s": round(ours),
+                "bare_tokens_per_s": [round(bare), round(bare2)],
+                "ratio": round(ours / ((bare + bare2) / 2), 3),
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -25,8 +25,20 @@ from sae_pipeline.settings import CaptureSettings
 from sae_pipeline.store import FORMAT_VERSION, ActivationRun, Store, new_run_id, package_versions, validate_run_id
 
 # Settings that change what a run contains: a resume must match them exactly.
-RUN_DEFINING_KEYS = ("model_id", "layer_signature", "hook_side", "model_dtype", "store_dtype", "keep_special_tokens",
-                     "max_length", "docs_per_shard", "dataset", "n_documents", "n_shards", "d_model")
+RUN_DEFINING_KEYS = (
+    "model_id",
+    "layer_signature",
+    "hook_side",
+    "model_dtype",
+    "store_dtype",
+    "keep_special_tokens",
+    "max_length",
+    "docs_per_shard",
+    "dataset",
+    "n_documents",
+    "n_shards",
+    "d_model",
+)
 
 
 class _StopForward(Exception):
@@ -108,8 +120,9 @@ class Capturer:
     def _stop(module, input, output):
         raise _StopForward
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                keep: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
         """One forward pass stopped after the hooked layer: the ``keep`` rows in the storage dtype, on the CPU.
 
         Position ids come from the mask, as in generation, so a left-padded document gets the positions it has
@@ -118,20 +131,27 @@ class Capturer:
         self.detector.keep, self.detector.captured = keep.to(self.device), None
         with torch.inference_mode():
             try:
-                self.lm.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                              position_ids=positions.to(self.device), use_cache=False)
+                self.lm.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    use_cache=False,
+                )
             except _StopForward:
                 pass
         captured = self.detector.captured
         if captured is None or captured.ndim != 2:
-            raise PipelineError(f"the hook {self.detector.layer_signature!r} does not give one activation vector per "
-                                "token; choose another LAYER_SIGNATURE (discover_layers.py --all lists them)")
+            raise PipelineError(
+                f"the hook {self.detector.layer_signature!r} does not give one activation vector per "
+                "token; choose another LAYER_SIGNATURE (discover_layers.py --all lists them)"
+            )
         return captured.cpu()
 
     def width(self) -> int:
         """d_model as the hook sees it (one short forward): measured, not read from a config that may not apply."""
-        ids, mask = pad_batch([self.tokenizer("probe")["input_ids"]], self.tokenizer.pad_token_id,
-                              self.tokenizer.padding_side == "left")
+        ids, mask = pad_batch(
+            [self.tokenizer("probe")["input_ids"]], self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
+        )
         return int(self.forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), mask.bool()).shape[-1])
 
     def shard(self, texts: list[str], doc_indices: list[int], progress: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +162,7 @@ class Capturer:
         acts, provs = [], []
         bs = self.settings.batch_size_save
         for start in range(0, len(order), bs):
-            rows = order[start:start + bs]
+            rows = order[start : start + bs]
             ids, mask = pad_batch([encoded[i] for i in rows], self.tokenizer.pad_token_id, left)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             keep = keep_mask(ids, mask, self.special_ids, self.settings.keep_special_tokens)
@@ -151,16 +171,26 @@ class Capturer:
             provs.append(torch.stack([docs[keep], positions[keep].int(), ids[keep].int()], dim=1))
             self.tokens_seen += int(keep.sum())
             progress.update(len(rows))
-            progress.set_postfix_str(f"{self.tokens_seen / max(progress.format_dict['elapsed'], 1e-9):,.0f} tok/s",
-                                     refresh=False)
+            progress.set_postfix_str(
+                f"{self.tokens_seen / max(progress.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False
+            )
         activations, provenance = torch.cat(acts), torch.cat(provs)
-        in_doc_order = torch.argsort(provenance[:, 0].long() * (self.settings.max_length + 1) + provenance[:, 1],
-                                     stable=True)
+        in_doc_order = torch.argsort(
+            provenance[:, 0].long() * (self.settings.max_length + 1) + provenance[:, 1], stable=True
+        )
         return activations[in_doc_order], provenance[in_doc_order]
 
 
-def _manifest(settings: CaptureSettings, run_id: str, signature: str, d_model: int, model_dtype: torch.dtype,
-              n_documents: int, n_layers: int | None, special_ids: list[int]) -> dict[str, Any]:
+def _manifest(
+    settings: CaptureSettings,
+    run_id: str,
+    signature: str,
+    d_model: int,
+    model_dtype: torch.dtype,
+    n_documents: int,
+    n_layers: int | None,
+    special_ids: list[int],
+) -> dict[str, Any]:
     n_shards = math.ceil(n_documents / settings.docs_per_shard)
     return {
         "kind": "activations",
@@ -172,8 +202,12 @@ def _manifest(settings: CaptureSettings, run_id: str, signature: str, d_model: i
         "model": settings.model_id,
         "layer_signatures": [signature],
         "num_layers": n_layers,
-        "options": {"dtype": settings.store_dtype, "max_length": settings.max_length,
-                    "batch_size": settings.batch_size_save, "stop_after_last_layer": True},
+        "options": {
+            "dtype": settings.store_dtype,
+            "max_length": settings.max_length,
+            "batch_size": settings.batch_size_save,
+            "stop_after_last_layer": True,
+        },
         # ours: enough to use the run without the model
         "model_id": settings.model_id,
         "layer_signature": signature,
@@ -185,14 +219,19 @@ def _manifest(settings: CaptureSettings, run_id: str, signature: str, d_model: i
         "special_token_ids": special_ids,
         "max_length": settings.max_length,
         "docs_per_shard": settings.docs_per_shard,
-        "dataset": {"name": settings.hf_dataset, "split": settings.data_split, "text_field": settings.text_field,
-                    "limit": settings.data_limit, "shuffle": settings.data_shuffle,
-                    "shuffle_seed": settings.seed if settings.data_shuffle else None},
+        "dataset": {
+            "name": settings.hf_dataset,
+            "split": settings.data_split,
+            "text_field": settings.text_field,
+            "limit": settings.data_limit,
+            "shuffle": settings.data_shuffle,
+            "shuffle_seed": settings.seed if settings.data_shuffle else None,
+        },
         "n_documents": n_documents,
         "n_shards": n_shards,
         "provenance_columns": ["doc_index", "position", "token_id"],
         "seed": settings.seed,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": package_versions(),
     }
 
@@ -201,8 +240,10 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], run_id: str) -> No
     changed = [k for k in RUN_DEFINING_KEYS if old.get(k) != new.get(k)]
     if changed:
         diffs = "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
-        raise PipelineError(f"run {run_id!r} exists with other settings ({diffs}); resume it with its own settings "
-                            "or start a new run with another --run_id")
+        raise PipelineError(
+            f"run {run_id!r} exists with other settings ({diffs}); resume it with its own settings "
+            "or start a new run with another --run_id"
+        )
 
 
 def _finalize_if_complete(run: ActivationRun, store: Store) -> dict[str, Any] | None:
@@ -211,18 +252,21 @@ def _finalize_if_complete(run: ActivationRun, store: Store) -> dict[str, Any] | 
     if not set(range(meta["n_shards"])) <= run.completed_shards():
         return None
     infos = [run.shard_info(i) for i in range(meta["n_shards"])]
-    meta.update(status="complete",
-                n_tokens=sum(i["n_tokens"] for i in infos),
-                n_empty_documents=sum(i["n_empty"] for i in infos),
-                bytes=run.size_bytes(),
-                completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta.update(
+        status="complete",
+        n_tokens=sum(i["n_tokens"] for i in infos),
+        n_empty_documents=sum(i["n_empty"] for i in infos),
+        bytes=run.size_bytes(),
+        completed=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     run.write_meta(meta)
     store.write_pointer(run.run_id)
     return meta
 
 
-def save_activations(settings: CaptureSettings, run_id: str | None = None,
-                     stop: StopFlag | None = None) -> CaptureSummary:
+def save_activations(
+    settings: CaptureSettings, run_id: str | None = None, stop: StopFlag | None = None
+) -> CaptureSummary:
     started = time.time()
     stop = stop or StopFlag().install()
     store = Store(settings.store_dir)
@@ -234,8 +278,14 @@ def save_activations(settings: CaptureSettings, run_id: str | None = None,
     if run.exists() and run.read_meta().get("kind") != "activations":
         raise PipelineError(f"run {run_id!r} is not an activation run; choose another --run_id")
 
-    texts = load_texts(settings.hf_dataset, settings.data_split, settings.text_field, settings.data_limit,
-                       settings.data_shuffle, settings.seed)
+    texts = load_texts(
+        settings.hf_dataset,
+        settings.data_split,
+        settings.text_field,
+        settings.data_limit,
+        settings.data_shuffle,
+        settings.seed,
+    )
     config = load_config(settings.model_id)
     device = resolve_device(settings.device)
     model_dtype = resolve_dtype(settings.model_dtype, device, config)
@@ -245,15 +295,26 @@ def save_activations(settings: CaptureSettings, run_id: str | None = None,
 
     capturer = Capturer(lm, signature, settings)
     d_model = capturer.width()
-    manifest = _manifest(settings, run_id, signature, d_model, model_dtype, len(texts), num_layers(config),
-                         sorted(set(lm.tokenizer.all_special_ids)))
+    manifest = _manifest(
+        settings,
+        run_id,
+        signature,
+        d_model,
+        model_dtype,
+        len(texts),
+        num_layers(config),
+        sorted(set(lm.tokenizer.all_special_ids)),
+    )
     if run.exists():
         old = run.read_meta()
         _check_same_run(old, manifest, run_id)
         if old.get("status") == "complete":
             store.write_pointer(run_id)
-            print(f"run {run_id!r} is already complete ({old['n_tokens']:,} tokens); nothing to do. "
-                  f"Start a new capture with another --run_id.", file=sys.stderr)
+            print(
+                f"run {run_id!r} is already complete ({old['n_tokens']:,} tokens); nothing to do. "
+                f"Start a new capture with another --run_id.",
+                file=sys.stderr,
+            )
             return CaptureSummary(run_id, True, old["n_tokens"], 0, 0, 0, time.time() - started)
     else:
         run.write_meta(manifest)
@@ -265,28 +326,45 @@ def save_activations(settings: CaptureSettings, run_id: str | None = None,
     todo = [i for i in mine if i not in done]
     run.remove_stale_temporaries(set(mine))
     if len(todo) < len(mine):
-        print(f"resuming run {run_id!r}: {len(mine) - len(todo)} of {len(mine)} shards already on disk",
-              file=sys.stderr)
+        print(
+            f"resuming run {run_id!r}: {len(mine) - len(todo)} of {len(mine)} shards already on disk", file=sys.stderr
+        )
 
     per = settings.docs_per_shard
     n_docs_todo = sum(min(per, len(texts) - i * per) for i in todo)
     written = n_tokens = n_empty = size = 0
-    with tqdm(total=n_docs_todo, unit="doc", desc=f"capture {signature}", file=sys.stderr, dynamic_ncols=True,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as progress:
+    with tqdm(
+        total=n_docs_todo,
+        unit="doc",
+        desc=f"capture {signature}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+    ) as progress:
         for index in todo:
-            rows = texts[index * per:(index + 1) * per][settings.text_field]
+            rows = texts[index * per : (index + 1) * per][settings.text_field]
             docs = [(index * per + j, t) for j, t in enumerate(rows) if isinstance(t, str) and t.strip()]
             shard_empty = len(rows) - len(docs)
             progress.update(shard_empty)
-            acts, prov = capturer.shard([t for _, t in docs], [d for d, _ in docs], progress) if docs else \
-                (torch.empty(0, d_model, dtype=DTYPES[settings.store_dtype]), torch.empty(0, 3, dtype=torch.int32))
-            info = {"index": index, "doc_start": index * per, "doc_stop": index * per + len(rows),
-                    "n_tokens": int(acts.shape[0]), "n_empty": shard_empty}
+            acts, prov = (
+                capturer.shard([t for _, t in docs], [d for d, _ in docs], progress)
+                if docs
+                else (torch.empty(0, d_model, dtype=DTYPES[settings.store_dtype]), torch.empty(0, 3, dtype=torch.int32))
+            )
+            info = {
+                "index": index,
+                "doc_start": index * per,
+                "doc_stop": index * per + len(rows),
+                "n_tokens": int(acts.shape[0]),
+                "n_empty": shard_empty,
+            }
             size += run.write_shard(index, signature, acts, prov, info)
             written, n_tokens, n_empty = written + 1, n_tokens + int(acts.shape[0]), n_empty + shard_empty
             if stop.requested and index != todo[-1]:
-                raise StopRequested(f"{stop.signal_name} received: saved {written} shard(s) of run {run_id!r}; "
-                                    f"rerun with --run_id {run_id} to continue")
+                raise StopRequested(
+                    f"{stop.signal_name} received: saved {written} shard(s) of run {run_id!r}; "
+                    f"rerun with --run_id {run_id} to continue"
+                )
 
     final = _finalize_if_complete(run, store)
     summary = CaptureSummary(run_id, final is not None, n_tokens, written, n_empty, size, time.time() - started)
@@ -294,17 +372,29 @@ def save_activations(settings: CaptureSettings, run_id: str | None = None,
     return summary
 
 
-def _print_summary(summary: CaptureSummary, run: ActivationRun, final: dict[str, Any] | None, signature: str,
-                   d_model: int, settings: CaptureSettings) -> None:
+def _print_summary(
+    summary: CaptureSummary,
+    run: ActivationRun,
+    final: dict[str, Any] | None,
+    signature: str,
+    d_model: int,
+    settings: CaptureSettings,
+) -> None:
     rate = summary.n_tokens / summary.seconds if summary.seconds > 0 else 0.0
-    text = (f"Captured {summary.n_tokens:,} tokens (d_model {d_model}, {settings.store_dtype}) from {signature} into "
-            f"{summary.n_shards_written} shard(s), {summary.bytes_written / 2**20:,.1f} MiB, in "
-            f"{summary.seconds:,.1f} s ({rate:,.0f} tokens/s); {summary.n_empty} empty document(s) skipped. ")
+    text = (
+        f"Captured {summary.n_tokens:,} tokens (d_model {d_model}, {settings.store_dtype}) from {signature} into "
+        f"{summary.n_shards_written} shard(s), {summary.bytes_written / 2**20:,.1f} MiB, in "
+        f"{summary.seconds:,.1f} s ({rate:,.0f} tokens/s); {summary.n_empty} empty document(s) skipped. "
+    )
     if final is not None:
-        text += (f"Run {summary.run_id!r} is complete: {final['n_tokens']:,} tokens in {final['n_shards']} shards, "
-                 f"{final['bytes'] / 2**20:,.1f} MiB at {run.dir}; {run.store.root / 'run_id.txt'} points to it.")
+        text += (
+            f"Run {summary.run_id!r} is complete: {final['n_tokens']:,} tokens in {final['n_shards']} shards, "
+            f"{final['bytes'] / 2**20:,.1f} MiB at {run.dir}; {run.store.root / 'run_id.txt'} points to it."
+        )
     else:
         missing = run.read_meta()["n_shards"] - len(run.completed_shards())
-        text += (f"Run {summary.run_id!r} at {run.dir} still misses {missing} shard(s) of other array tasks; "
-                 "it is marked complete when the last one finishes.")
+        text += (
+            f"Run {summary.run_id!r} at {run.dir} still misses {missing} shard(s) of other array tasks; "
+            "it is marked complete when the last one finishes."
+        )
     print(text, file=sys.stderr)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from sae_pipeline.errors import PipelineError
-from sae_pipeline.preemption import StopFlag, StopRequested
+from sae_pipeline.preemption import StopRequested
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
 
 
@@ -46,8 +47,10 @@ def save_activations_main(argv: list[str] | None = None) -> None:
 def train_sae_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Step 2: train a TopK SAE on an activation run.")
     parser.add_argument("--run_id", help="activation run to train on (default: the one in STORE_DIR/run_id.txt)")
-    parser.add_argument("--sae_run_id", help="training run id (default: SAE_RUN_ID, else a fresh one); "
-                                             "an unfinished training run is resumed")
+    parser.add_argument(
+        "--sae_run_id",
+        help="training run id (default: SAE_RUN_ID, else a fresh one); an unfinished training run is resumed",
+    )
     args = parser.parse_args(argv)
 
     def run() -> None:
@@ -79,10 +82,12 @@ def discover_layers_main(argv: list[str] | None = None) -> None:
 
 
 def evaluate_sae_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Step 3: evaluate a trained SAE (CE-loss recovered, "
-                                                 "reconstruction, feature browser).")
-    parser.add_argument("--sae_run_id", help="training run to evaluate (default: SAE_RUN_ID, else the one in "
-                                             "STORE_DIR/sae_run_id.txt)")
+    parser = argparse.ArgumentParser(
+        description="Step 3: evaluate a trained SAE (CE-loss recovered, reconstruction, feature browser)."
+    )
+    parser.add_argument(
+        "--sae_run_id", help="training run to evaluate (default: SAE_RUN_ID, else the one in STORE_DIR/sae_run_id.txt)"
+    )
     args = parser.parse_args(argv)
 
     def run() -> None:

@@ -16,8 +16,8 @@ rank 0's at each forward.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.distributed as tdist
@@ -33,7 +33,7 @@ class Dist:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Dist":
+    def from_env(cls, env: Mapping[str, str]) -> Dist:
         """The process's place in a torchrun launch; one process when WORLD_SIZE is absent or 1."""
         try:
             world = int(env.get("WORLD_SIZE", "1"))
@@ -41,8 +41,10 @@ class Dist:
                 return cls()
             return cls(int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")))
         except (KeyError, ValueError):
-            raise PipelineError("WORLD_SIZE/RANK/LOCAL_RANK are malformed; launch several processes with torchrun "
-                                "(see docs/multi_gpu.md)") from None
+            raise PipelineError(
+                "WORLD_SIZE/RANK/LOCAL_RANK are malformed; launch several processes with torchrun "
+                "(see docs/multi_gpu.md)"
+            ) from None
 
     @property
     def enabled(self) -> bool:
@@ -59,8 +61,10 @@ class Dist:
         if not self.enabled:
             return resolve_device(setting)
         if setting.startswith("cuda:"):
-            raise PipelineError(f"DEVICE={setting!r} names one GPU, but {self.world_size} processes were launched: "
-                                "use DEVICE=cuda (process i uses cuda:LOCAL_RANK) or auto")
+            raise PipelineError(
+                f"DEVICE={setting!r} names one GPU, but {self.world_size} processes were launched: "
+                "use DEVICE=cuda (process i uses cuda:LOCAL_RANK) or auto"
+            )
         if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
             return resolve_device(f"cuda:{self.local_rank}")
         return resolve_device(setting)
@@ -102,15 +106,31 @@ class Dist:
         if not self.enabled:
             return stats
         s = stats.state_dict()
-        flat = torch.cat([s["n"].double().view(1), s["mean"], s["m2"], s["sse"].view(1), s["nonzero"].view(1),
-                          s["fire_counts"].double()]).to(stats.mean.device)
+        flat = torch.cat(
+            [
+                s["n"].double().view(1),
+                s["mean"],
+                s["m2"],
+                s["sse"].view(1),
+                s["nonzero"].view(1),
+                s["fire_counts"].double(),
+            ]
+        ).to(stats.mean.device)
         parts = [torch.empty_like(flat) for _ in range(self.world_size)]
         tdist.all_gather(parts, flat)
         merged = ReconstructionStats(stats.d_in, stats.n_latents, stats.device)
         d = stats.d_in
         for p in parts:
             one = ReconstructionStats(stats.d_in, stats.n_latents, stats.device)
-            one.load_state_dict({"n": p[0], "mean": p[1:1 + d], "m2": p[1 + d:1 + 2 * d], "sse": p[1 + 2 * d],
-                                 "nonzero": p[2 + 2 * d], "fire_counts": p[3 + 2 * d:].round().long()})
+            one.load_state_dict(
+                {
+                    "n": p[0],
+                    "mean": p[1 : 1 + d],
+                    "m2": p[1 + d : 1 + 2 * d],
+                    "sse": p[1 + 2 * d],
+                    "nonzero": p[2 + 2 * d],
+                    "fire_counts": p[3 + 2 * d :].round().long(),
+                }
+            )
             merged.merge(one)
         return merged

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,15 @@ from sae_pipeline.errors import PipelineError
 from sae_pipeline.metrics import ReconstructionStats, ce_loss_recovered
 from sae_pipeline.settings import EvalSettings
 from sae_pipeline.store import (
-    META_FILE, SAE_RUN_ID_FILE, ActivationRun, Store, atomic_write_json, open_complete_run, package_versions,
-    read_json, validate_run_id,
+    META_FILE,
+    SAE_RUN_ID_FILE,
+    ActivationRun,
+    Store,
+    atomic_write_json,
+    open_complete_run,
+    package_versions,
+    read_json,
+    validate_run_id,
 )
 
 CONDITIONS = ("clean", "sae", "zero", "mean")
@@ -58,12 +66,12 @@ SCAN_CHUNK_TOKENS = 4096
 # -- batches ---------------------------------------------------------------------------------------------------------
 @dataclass
 class EvalBatch:
-    ids: torch.Tensor        # [B, T] long
-    mask: torch.Tensor       # [B, T] long, 1 = real token
+    ids: torch.Tensor  # [B, T] long
+    mask: torch.Tensor  # [B, T] long, 1 = real token
     positions: torch.Tensor  # [B, T] position ids (left padding does not shift them), as in capture
-    keep: torch.Tensor       # [B, T] bool, the positions the SAE replaces
+    keep: torch.Tensor  # [B, T] bool, the positions the SAE replaces
 
-    def to(self, device: torch.device) -> "EvalBatch":
+    def to(self, device: torch.device) -> EvalBatch:
         return EvalBatch(*(t.to(device) for t in (self.ids, self.mask, self.positions, self.keep)))
 
     @property
@@ -71,19 +79,29 @@ class EvalBatch:
         return int(self.mask.sum())
 
 
-def make_batches(tokenizer, texts: Iterable[str], max_length: int, batch_size: int, keep_special: bool) -> list[EvalBatch]:
+def make_batches(
+    tokenizer, texts: Iterable[str], max_length: int, batch_size: int, keep_special: bool
+) -> list[EvalBatch]:
     """Tokenized like capture (truncation at the run's max length), sorted by length, padded on the tokenizer's side."""
     from sae_pipeline.capture import keep_mask, pad_batch
 
-    encoded = [e for e in tokenizer([t for t in texts if isinstance(t, str) and t.strip()], truncation=True,
-                                    max_length=max_length)["input_ids"]] if texts else []
+    encoded = (
+        [
+            e
+            for e in tokenizer(
+                [t for t in texts if isinstance(t, str) and t.strip()], truncation=True, max_length=max_length
+            )["input_ids"]
+        ]
+        if texts
+        else []
+    )
     encoded = [e for e in encoded if e]
     encoded.sort(key=len, reverse=True)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     left = tokenizer.padding_side == "left"
     batches = []
     for start in range(0, len(encoded), batch_size):
-        ids, mask = pad_batch(encoded[start:start + batch_size], tokenizer.pad_token_id, left)
+        ids, mask = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id, left)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         batches.append(EvalBatch(ids, mask, positions, keep_mask(ids, mask, special, keep_special)))
     return batches
@@ -160,8 +178,9 @@ class DownstreamResult:
             if "mean" in ce:
                 out["ce_loss_recovered_mean_ablation"] = ce_loss_recovered(ce["clean"], ce["sae"], ce["mean"])
         out.update({f"kl_{c}": v for c, v in self.kl.items()})
-        out.update(n_predictions=self.n_predictions, n_real_tokens=self.n_real_tokens,
-                   n_spliced_tokens=self.n_spliced_tokens)
+        out.update(
+            n_predictions=self.n_predictions, n_real_tokens=self.n_real_tokens, n_spliced_tokens=self.n_spliced_tokens
+        )
         return out
 
     def tokens_per_second(self) -> dict[str, float]:
@@ -174,8 +193,14 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def downstream(model: torch.nn.Module, splice, batches: list[EvalBatch], device: torch.device,
-               conditions: tuple[str, ...] = CONDITIONS, progress=None) -> DownstreamResult:
+def downstream(
+    model: torch.nn.Module,
+    splice,
+    batches: list[EvalBatch],
+    device: torch.device,
+    conditions: tuple[str, ...] = CONDITIONS,
+    progress=None,
+) -> DownstreamResult:
     """Next-token CE (and KL from clean) per condition, one full forward per condition and batch.
 
     ``conditions`` must start with ``clean`` when more than one is given (KL needs the clean distribution).
@@ -199,8 +224,7 @@ def downstream(model: torch.nn.Module, splice, batches: list[EvalBatch], device:
             splice.mode = "off" if cond == "clean" else cond
             calls = splice.calls
             try:
-                logits = model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions,
-                               use_cache=False).logits
+                logits = model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions, use_cache=False).logits
             finally:
                 splice.mode = "off"
             if splice.calls == calls:
@@ -219,17 +243,31 @@ def downstream(model: torch.nn.Module, splice, batches: list[EvalBatch], device:
         if progress is not None:
             progress.update(int(cpu_batch.ids.shape[0]))
     if n_pred == 0:
-        raise PipelineError("the evaluation documents have no next-token predictions (every document is a single "
-                            "token); raise EVAL_LIMIT or use another EVAL_DATASET")
-    return DownstreamResult(ce={c: float(v) / n_pred for c, v in nll.items()},
-                            kl={c: float(v) / n_pred for c, v in kl.items()},
-                            n_predictions=n_pred, n_real_tokens=n_real, n_spliced_tokens=n_kept, seconds=seconds)
+        raise PipelineError(
+            "the evaluation documents have no next-token predictions (every document is a single "
+            "token); raise EVAL_LIMIT or use another EVAL_DATASET"
+        )
+    return DownstreamResult(
+        ce={c: float(v) / n_pred for c, v in nll.items()},
+        kl={c: float(v) / n_pred for c, v in kl.items()},
+        n_predictions=n_pred,
+        n_real_tokens=n_real,
+        n_spliced_tokens=n_kept,
+        seconds=seconds,
+    )
 
 
 # -- scanning the stored activations ----------------------------------------------------------------------------------
 @torch.no_grad()
-def scan_activations(run: ActivationRun, layer: str, engine: torch.nn.Module, device: torch.device,
-                     max_tokens: int, contexts: int, window: int):
+def scan_activations(
+    run: ActivationRun,
+    layer: str,
+    engine: torch.nn.Module,
+    device: torch.device,
+    max_tokens: int,
+    contexts: int,
+    window: int,
+):
     """Mean activation and a ``report.LatentScan`` over the first ``max_tokens`` stored tokens (store order)."""
     from sae_pipeline.report import LatentScan
 
@@ -242,15 +280,17 @@ def scan_activations(run: ActivationRun, layer: str, engine: torch.nn.Module, de
             break
         acts, prov = run.read_shard(index, layer)
         if acts.shape[1] != d_in:
-            raise PipelineError(f"{run.shard_dir(index)} holds activations of width {acts.shape[1]}, but the SAE "
-                                f"has d_in={d_in}; the SAE was not trained on this activation run")
+            raise PipelineError(
+                f"{run.shard_dir(index)} holds activations of width {acts.shape[1]}, but the SAE "
+                f"has d_in={d_in}; the SAE was not trained on this activation run"
+            )
         n = min(acts.shape[0], max_tokens - seen)
         for s in range(0, n, SCAN_CHUNK_TOKENS):
             e = min(s + SCAN_CHUNK_TOKENS, n)
             a, b = max(0, s - window), min(acts.shape[0], e + window)  # neighbours for the context windows
             x = acts[a:b].to(device).float()
             z = engine(x)[1].float()
-            total += x[s - a:e - a].sum(0, dtype=torch.float64)
+            total += x[s - a : e - a].sum(0, dtype=torch.float64)
             scan.update(z, prov[a:b].to(device), s - a, e - a)
         seen += n
     if seen == 0:
@@ -262,16 +302,20 @@ def scan_activations(run: ActivationRun, layer: str, engine: torch.nn.Module, de
 def open_training_run(store: Store, sae_run_id: str) -> tuple[Path, dict[str, Any]]:
     out = store.run_dir(sae_run_id)
     if not out.is_dir():
-        raise PipelineError(f"training run {sae_run_id!r} not found: {out} does not exist (run 02_train_sae.py first, "
-                            "or pass an existing --sae_run_id)")
+        raise PipelineError(
+            f"training run {sae_run_id!r} not found: {out} does not exist (run 02_train_sae.py first, "
+            "or pass an existing --sae_run_id)"
+        )
     if not (out / META_FILE).is_file():
         raise PipelineError(f"{out} has no {META_FILE}: it is not a training run")
     meta = read_json(out / META_FILE)
     if meta.get("kind") != "sae":
         raise PipelineError(f"run {sae_run_id!r} in {store.runs_dir} is not an SAE training run")
     if meta.get("status") != "complete":
-        raise PipelineError(f"training run {sae_run_id!r} is not finished (status {meta.get('status')!r}); "
-                            f"resume it with `uv run python 02_train_sae.py --sae_run_id {sae_run_id}`")
+        raise PipelineError(
+            f"training run {sae_run_id!r} is not finished (status {meta.get('status')!r}); "
+            f"resume it with `uv run python 02_train_sae.py --sae_run_id {sae_run_id}`"
+        )
     if not (out / MODEL_FILE).is_file():
         raise PipelineError(f"{out / MODEL_FILE} is missing; the training run is incomplete or was modified")
     return out, meta
@@ -293,12 +337,19 @@ def eval_texts(settings: EvalSettings, act_meta: dict[str, Any]) -> tuple[list[s
     seed = ds.get("shuffle_seed") if ds.get("shuffle_seed") is not None else settings.seed
     texts = load_texts(ds["name"], split, ds["text_field"], used + settings.eval_limit, bool(ds.get("shuffle")), seed)
     if len(texts) <= used:
-        raise PipelineError(f"HF_DATASET={ds['name']!r} split {split!r} has {len(texts)} rows and capture used the "
-                            f"first {used} (DATA_LIMIT): none is left for evaluation; set EVAL_DATASET to held-out "
-                            "texts")
+        raise PipelineError(
+            f"HF_DATASET={ds['name']!r} split {split!r} has {len(texts)} rows and capture used the "
+            f"first {used} (DATA_LIMIT): none is left for evaluation; set EVAL_DATASET to held-out "
+            "texts"
+        )
     rows = [used, len(texts)]
-    source = {"dataset": ds["name"], "split": split, "text_field": ds["text_field"], "rows": rows,
-              "shuffle": bool(ds.get("shuffle"))}
+    source = {
+        "dataset": ds["name"],
+        "split": split,
+        "text_field": ds["text_field"],
+        "rows": rows,
+        "shuffle": bool(ds.get("shuffle")),
+    }
     return list(texts.select(range(*rows))[ds["text_field"]]), source
 
 
@@ -324,8 +375,10 @@ def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:
     engine = sae.sae_engine.eval()
     d_in, n_latents = int(engine.W_dec.shape[1]), int(engine.W_dec.shape[0])
     if d_in != int(act_meta["d_model"]):
-        raise PipelineError(f"{sae_dir / MODEL_FILE} has d_in={d_in}, but activation run {run.run_id!r} stores "
-                            f"width {act_meta['d_model']} at {layer}; the SAE file does not belong to this run")
+        raise PipelineError(
+            f"{sae_dir / MODEL_FILE} has d_in={d_in}, but activation run {run.run_id!r} stores "
+            f"width {act_meta['d_model']} at {layer}; the SAE file does not belong to this run"
+        )
 
     model_id = settings.model_id if "model_id" in settings.model_fields_set else act_meta["model_id"]
     config = load_config(model_id)
@@ -333,33 +386,46 @@ def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:
     lm = load_language_model(model_id, settings.store_dir, device, dtype)
     names = lm.layers.get_layer_names()
     if layer not in names:
-        raise PipelineError(f"MODEL_ID={model_id!r} has no layer {layer!r} (the SAE's layer); evaluate with the model "
-                            f"the SAE was trained on ({act_meta['model_id']!r})")
+        raise PipelineError(
+            f"MODEL_ID={model_id!r} has no layer {layer!r} (the SAE's layer); evaluate with the model "
+            f"the SAE was trained on ({act_meta['model_id']!r})"
+        )
     splice = make_splice(layer, hook_side, engine)
     lm.layers.register_hook(layer, splice)
     try:
         width = _probe_width(lm.model, lm.tokenizer, splice, device)
         if width != d_in:
-            raise PipelineError(f"the SAE of run {sae_run_id!r} has d_in={d_in}, but layer {layer} of "
-                                f"MODEL_ID={model_id!r} has width {width}; use the model the SAE was trained on "
-                                f"({act_meta['model_id']!r})")
-        batches = make_batches(lm.tokenizer, texts, int(act_meta["max_length"]), settings.batch_size_eval,
-                               keep_special)
+            raise PipelineError(
+                f"the SAE of run {sae_run_id!r} has d_in={d_in}, but layer {layer} of "
+                f"MODEL_ID={model_id!r} has width {width}; use the model the SAE was trained on "
+                f"({act_meta['model_id']!r})"
+            )
+        batches = make_batches(lm.tokenizer, texts, int(act_meta["max_length"]), settings.batch_size_eval, keep_special)
         if not batches:
             raise PipelineError(f"the {len(texts)} evaluation documents of {source['dataset']!r} are all empty")
 
-        print(f"evaluating SAE {sae_run_id} ({n_latents} latents, k={train_meta.get('k')}) at {layer} "
-              f"({hook_side}) of {model_id} on {len(texts)} held-out documents", file=sys.stderr)
+        print(
+            f"evaluating SAE {sae_run_id} ({n_latents} latents, k={train_meta.get('k')}) at {layer} "
+            f"({hook_side}) of {model_id} on {len(texts)} held-out documents",
+            file=sys.stderr,
+        )
         t0 = time.time()
-        mean, scan = scan_activations(run, layer, engine, device, settings.eval_scan_tokens,
-                                      settings.browser_contexts, settings.browser_window)
+        mean, scan = scan_activations(
+            run, layer, engine, device, settings.eval_scan_tokens, settings.browser_contexts, settings.browser_window
+        )
         scan_s = time.time() - t0
         splice.mean = mean
         splice.stats = ReconstructionStats(d_in, n_latents, device)
         from tqdm import tqdm
 
-        with tqdm(total=sum(int(b.ids.shape[0]) for b in batches), unit="doc", desc="evaluate (4 conditions)",
-                  file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30) as progress:
+        with tqdm(
+            total=sum(int(b.ids.shape[0]) for b in batches),
+            unit="doc",
+            desc="evaluate (4 conditions)",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30,
+        ) as progress:
             result = downstream(lm.model, splice, batches, device, CONDITIONS, progress)
         recon = splice.stats
     finally:
@@ -367,8 +433,28 @@ def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:
 
     holdout = _training_holdout(run, layer, d_in, engine, device, train_meta)
     out = sae_dir / EVAL_DIR
-    return _write_outputs(out, settings, sae_run_id, train_meta, act_meta, model_id, layer, hook_side, keep_special,
-                          source, len(texts), result, recon, holdout, scan, scan_s, lm, engine, run, started)
+    return _write_outputs(
+        out,
+        settings,
+        sae_run_id,
+        train_meta,
+        act_meta,
+        model_id,
+        layer,
+        hook_side,
+        keep_special,
+        source,
+        len(texts),
+        result,
+        recon,
+        holdout,
+        scan,
+        scan_s,
+        lm,
+        engine,
+        run,
+        started,
+    )
 
 
 def _probe_width(model, tokenizer, splice, device: torch.device) -> int:
@@ -385,8 +471,9 @@ def _probe_width(model, tokenizer, splice, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def _training_holdout(run: ActivationRun, layer: str, d_in: int, engine, device: torch.device,
-                      train_meta: dict[str, Any]) -> dict[str, Any] | None:
+def _training_holdout(
+    run: ActivationRun, layer: str, d_in: int, engine, device: torch.device, train_meta: dict[str, Any]
+) -> dict[str, Any] | None:
     """Reconstruction on the training run's held-out slice of stored tokens (train_data's split), for comparison."""
     from sae_pipeline.train_data import TokenLoader
 
@@ -402,11 +489,28 @@ def _training_holdout(run: ActivationRun, layer: str, d_in: int, engine, device:
     return stats.result() if stats.n else None
 
 
-def _write_outputs(out: Path, settings: EvalSettings, sae_run_id: str, train_meta: dict[str, Any],
-                   act_meta: dict[str, Any], model_id: str, layer: str, hook_side: str, keep_special: bool,
-                   source: dict[str, Any], n_docs: int, result: DownstreamResult, recon: ReconstructionStats,
-                   holdout: dict[str, Any] | None, scan, scan_s: float, lm, engine, run: ActivationRun,
-                   started: float) -> Path:
+def _write_outputs(
+    out: Path,
+    settings: EvalSettings,
+    sae_run_id: str,
+    train_meta: dict[str, Any],
+    act_meta: dict[str, Any],
+    model_id: str,
+    layer: str,
+    hook_side: str,
+    keep_special: bool,
+    source: dict[str, Any],
+    n_docs: int,
+    result: DownstreamResult,
+    recon: ReconstructionStats,
+    holdout: dict[str, Any] | None,
+    scan,
+    scan_s: float,
+    lm,
+    engine,
+    run: ActivationRun,
+    started: float,
+) -> Path:
     from sae_pipeline import report
     from sae_pipeline.plots import plot_firing_frequency
 
@@ -415,38 +519,73 @@ def _write_outputs(out: Path, settings: EvalSettings, sae_run_id: str, train_met
     fire_freq = (recon.fire_counts.double() / max(recon.n, 1)).cpu()
     ctx = report.ContextSource(run, act_meta, lm.tokenizer)
     promoted = report.promoted_tokens(engine, lm.model, lm.tokenizer, scan.detail_latents(settings.browser_latents))
-    summary = {"sae_run_id": sae_run_id, "activation_run_id": run.run_id, "model_id": model_id, "layer": layer,
-               "hook_side": hook_side, "n_latents": int(engine.W_dec.shape[0]), "k": train_meta.get("k"),
-               "architecture": train_meta.get("architecture"), "downstream": downstream_metrics,
-               "reconstruction": recon_metrics}
+    summary = {
+        "sae_run_id": sae_run_id,
+        "activation_run_id": run.run_id,
+        "model_id": model_id,
+        "layer": layer,
+        "hook_side": hook_side,
+        "n_latents": int(engine.W_dec.shape[0]),
+        "k": train_meta.get("k"),
+        "architecture": train_meta.get("architecture"),
+        "downstream": downstream_metrics,
+        "reconstruction": recon_metrics,
+    }
     browser = report.browser_data(scan, ctx, promoted, settings.browser_latents, summary)
-    png = plot_firing_frequency(fire_freq, out / "firing_frequency.png",
-                                       title=f"{sae_run_id}: latent firing frequency on {recon.n:,} held-out tokens")
+    png = plot_firing_frequency(
+        fire_freq,
+        out / "firing_frequency.png",
+        title=f"{sae_run_id}: latent firing frequency on {recon.n:,} held-out tokens",
+    )
     html, js = report.write_browser(browser, out, png)
     metrics = {
-        "kind": "sae_evaluation", "sae_run_id": sae_run_id, "activation_run_id": run.run_id, "model_id": model_id,
-        "layer_signature": layer, "hook_side": hook_side, "keep_special_tokens": keep_special,
-        "n_latents": int(engine.W_dec.shape[0]), "d_in": int(engine.W_dec.shape[1]), "k": train_meta.get("k"),
+        "kind": "sae_evaluation",
+        "sae_run_id": sae_run_id,
+        "activation_run_id": run.run_id,
+        "model_id": model_id,
+        "layer_signature": layer,
+        "hook_side": hook_side,
+        "keep_special_tokens": keep_special,
+        "n_latents": int(engine.W_dec.shape[0]),
+        "d_in": int(engine.W_dec.shape[1]),
+        "k": train_meta.get("k"),
         "architecture": train_meta.get("architecture"),
         "eval_data": {**source, "n_documents": n_docs, "max_length": act_meta.get("max_length")},
         "downstream": downstream_metrics,
-        "formulas": {"ce_loss_recovered": "(ce_zero - ce_sae) / (ce_zero - ce_clean)",
-                     "ce_loss_recovered_mean_ablation": "(ce_mean - ce_sae) / (ce_mean - ce_clean)",
-                     "delta_loss": "ce_sae - ce_clean", "kl_<condition>": "mean KL(p_clean || p_condition)",
-                     "averages": "over real tokens only; predictions whose input or target is padding excluded"},
+        "formulas": {
+            "ce_loss_recovered": "(ce_zero - ce_sae) / (ce_zero - ce_clean)",
+            "ce_loss_recovered_mean_ablation": "(ce_mean - ce_sae) / (ce_mean - ce_clean)",
+            "delta_loss": "ce_sae - ce_clean",
+            "kl_<condition>": "mean KL(p_clean || p_condition)",
+            "averages": "over real tokens only; predictions whose input or target is padding excluded",
+        },
         "reconstruction": {"eval_texts": recon_metrics, "training_holdout": holdout},
-        "firing_frequency": {"never_fired": int((recon.fire_counts == 0).sum()),
-                             "median": float(fire_freq.median()), "max": float(fire_freq.max())},
-        "browser": {"scanned_tokens": scan.n_tokens, "detail_latents": len(browser["details"]),
-                    "context_mismatches": ctx.mismatches},
-        "speed": {"tokens_per_second": result.tokens_per_second(), "seconds": result.seconds,
-                  "scan_seconds": round(scan_s, 3), "device": str(next(lm.model.parameters()).device)},
-        "files": {"metrics": "metrics.json", "firing_frequency": png.name, "browser": html.name,
-                  "browser_json": js.name},
+        "firing_frequency": {
+            "never_fired": int((recon.fire_counts == 0).sum()),
+            "median": float(fire_freq.median()),
+            "max": float(fire_freq.max()),
+        },
+        "browser": {
+            "scanned_tokens": scan.n_tokens,
+            "detail_latents": len(browser["details"]),
+            "context_mismatches": ctx.mismatches,
+        },
+        "speed": {
+            "tokens_per_second": result.tokens_per_second(),
+            "seconds": result.seconds,
+            "scan_seconds": round(scan_s, 3),
+            "device": str(next(lm.model.parameters()).device),
+        },
+        "files": {
+            "metrics": "metrics.json",
+            "firing_frequency": png.name,
+            "browser": html.name,
+            "browser_json": js.name,
+        },
         "settings": settings.model_dump(mode="json"),
         "versions": package_versions(),
         "elapsed_s": round(time.time() - started, 1),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     atomic_write_json(out / "metrics.json", metrics)
     d = downstream_metrics
@@ -454,14 +593,16 @@ def _write_outputs(out: Path, settings: EvalSettings, sae_run_id: str, train_met
     def fmt(v):
         return "n/a (ablation does not change the loss)" if v is None else f"{v:.4f}"
 
-    print(f"Evaluated SAE {sae_run_id} on {n_docs} held-out documents ({result.n_real_tokens:,} tokens, "
-          f"{result.n_predictions:,} predictions) of {source['dataset']!r}:\n"
-          f"  CE clean {d['ce_clean']:.4f}, SAE {d['ce_sae']:.4f}, zero-ablated {d['ce_zero']:.4f}, "
-          f"mean-ablated {d['ce_mean']:.4f}\n"
-          f"  CE-loss recovered {fmt(d['ce_loss_recovered'])} (vs mean ablation "
-          f"{fmt(d['ce_loss_recovered_mean_ablation'])}), delta loss {d['delta_loss']:+.4f}, KL {d['kl_sae']:.4f}\n"
-          f"  reconstruction: FVU {recon_metrics['fvu']:.4f}, MSE {recon_metrics['mse']:.4g}, "
-          f"L0 {recon_metrics['l0']:.1f}, never fired {recon_metrics['never_fired_fraction']:.1%} of "
-          f"{int(engine.W_dec.shape[0])} latents\n"
-          f"  outputs in {out}: metrics.json, {png.name}, {html.name} (open in a browser), {js.name}")
+    print(
+        f"Evaluated SAE {sae_run_id} on {n_docs} held-out documents ({result.n_real_tokens:,} tokens, "
+        f"{result.n_predictions:,} predictions) of {source['dataset']!r}:\n"
+        f"  CE clean {d['ce_clean']:.4f}, SAE {d['ce_sae']:.4f}, zero-ablated {d['ce_zero']:.4f}, "
+        f"mean-ablated {d['ce_mean']:.4f}\n"
+        f"  CE-loss recovered {fmt(d['ce_loss_recovered'])} (vs mean ablation "
+        f"{fmt(d['ce_loss_recovered_mean_ablation'])}), delta loss {d['delta_loss']:+.4f}, KL {d['kl_sae']:.4f}\n"
+        f"  reconstruction: FVU {recon_metrics['fvu']:.4f}, MSE {recon_metrics['mse']:.4g}, "
+        f"L0 {recon_metrics['l0']:.1f}, never fired {recon_metrics['never_fired_fraction']:.1%} of "
+        f"{int(engine.W_dec.shape[0])} latents\n"
+        f"  outputs in {out}: metrics.json, {png.name}, {html.name} (open in a browser), {js.name}"
+    )
     return out

@@ -11,7 +11,6 @@ tests compare them with our model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,15 @@ def saelens_weights(sae: PipelineSae) -> dict[str, torch.Tensor]:
     }
 
 
-def export_saelens(sae: PipelineSae, folder: Path, *, hook_name: str, model_name: str, hook_layer: int | None,
-                   extra: dict[str, Any] | None = None) -> Path:
+def export_saelens(
+    sae: PipelineSae,
+    folder: Path,
+    *,
+    hook_name: str,
+    model_name: str,
+    hook_layer: int | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write the folder (weights first, cfg.json last: a folder with a cfg.json is complete)."""
     weights = saelens_weights(sae)
     d_sae, d_in = weights["W_dec"].shape

@@ -39,17 +39,22 @@ def resolve_signature(names: list[str], layer_num: int, layer_signature: str | N
         if layer_signature in names:
             return layer_signature
         close = [n for n in names if layer_signature.lower() in n.lower()] or site_names(names) or block_names(names)
-        raise PipelineError(f"LAYER_SIGNATURE={layer_signature!r} is not a hook name of this model; "
-                            f"valid names include: {_shorten(close)}")
+        raise PipelineError(
+            f"LAYER_SIGNATURE={layer_signature!r} is not a hook name of this model; "
+            f"valid names include: {_shorten(close)}"
+        )
     if n_layers is not None and layer_num >= n_layers:
-        raise PipelineError(f"LAYER_NUM={layer_num} is past the last layer: this model has {n_layers} layers, "
-                            f"so LAYER_NUM must be 0..{n_layers - 1} (middle: {n_layers // 2})")
+        raise PipelineError(
+            f"LAYER_NUM={layer_num} is past the last layer: this model has {n_layers} layers, "
+            f"so LAYER_NUM must be 0..{n_layers - 1} (middle: {n_layers // 2})"
+        )
     wanted = [n for n in site_names(names) if n.endswith(f"_{layer_num}_{SITE}")]
     if len(wanted) == 1:
         return wanted[0]
     available = site_names(names) or block_names(names)
-    raise PipelineError(f"no {SITE} hook for LAYER_NUM={layer_num} in this model; set LAYER_SIGNATURE to one of: "
-                        f"{_shorten(available)}")
+    raise PipelineError(
+        f"no {SITE} hook for LAYER_NUM={layer_num} in this model; set LAYER_SIGNATURE to one of: {_shorten(available)}"
+    )
 
 
 def _shorten(names: list[str], limit: int = 12) -> str:
@@ -77,8 +82,9 @@ def discover(settings, load: bool = False, show_all: bool = False) -> None:
         from sae_pipeline.model import load_language_model, resolve_device, resolve_dtype
 
         device = resolve_device(settings.device)
-        lm = load_language_model(settings.model_id, settings.store_dir, device,
-                                 resolve_dtype(settings.model_dtype, device, config))
+        lm = load_language_model(
+            settings.model_id, settings.store_dir, device, resolve_dtype(settings.model_dtype, device, config)
+        )
         names, source = lm.layers.get_layer_names(), "the loaded model"
     else:
         names, source = layer_names(meta_model(config)), "the config, no weights loaded"
@@ -101,7 +107,6 @@ def discover(settings, load: bool = False, show_all: bool = False) -> None:
     elif middle is not None:
         wanted = [n for n in blocks if BLOCK_PATTERN.search(n) and BLOCK_PATTERN.search(n).group(2) == str(middle)]
         if wanted:
-            print(f"\nsuggested: LAYER_SIGNATURE={wanted[0]} (the middle block; LAYER_NUM only names "
-                  f"{SITE} hooks)")
+            print(f"\nsuggested: LAYER_SIGNATURE={wanted[0]} (the middle block; LAYER_NUM only names {SITE} hooks)")
     if not show_all:
         print(f"\nany of the {len(names)} hook names can be given as LAYER_SIGNATURE; --all lists them")

@@ -77,7 +77,7 @@ class ReconstructionStats:
         self.fire_counts += fired.sum(dim=0)
 
     @torch.no_grad()
-    def merge(self, other: "ReconstructionStats") -> None:
+    def merge(self, other: ReconstructionStats) -> None:
         """Add another accumulator's tokens (exact: the result equals one accumulator fed both streams)."""
         if other.n == 0:
             return
@@ -91,8 +91,14 @@ class ReconstructionStats:
         self.fire_counts += other.fire_counts
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"n": torch.tensor(self.n), "mean": self.mean, "m2": self.m2, "sse": self.sse,
-                "nonzero": self.nonzero, "fire_counts": self.fire_counts}
+        return {
+            "n": torch.tensor(self.n),
+            "mean": self.mean,
+            "m2": self.m2,
+            "sse": self.sse,
+            "nonzero": self.nonzero,
+            "fire_counts": self.fire_counts,
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.n = int(state["n"])

@@ -47,21 +47,26 @@ def check_model_id(model_id: str) -> None:
     path = Path(model_id).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise PipelineError(f"MODEL_ID={model_id!r} is a path without config.json; "
-                                "give a folder written by save_pretrained or a hub id like org/name")
+            raise PipelineError(
+                f"MODEL_ID={model_id!r} is a path without config.json; "
+                "give a folder written by save_pretrained or a hub id like org/name"
+            )
         return
     try:
         validate_repo_id(model_id)
     except HFValidationError:
-        raise PipelineError(f"MODEL_ID={model_id!r} is neither an existing directory nor a valid hub id "
-                            "(org/name)") from None
+        raise PipelineError(
+            f"MODEL_ID={model_id!r} is neither an existing directory nor a valid hub id (org/name)"
+        ) from None
 
 
 def _load_error(model_id: str, exc: BaseException) -> PipelineError:
     cause = exc.__cause__ or exc
     first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-    return PipelineError(f"MODEL_ID={model_id!r} could not be loaded: not a local directory, and the hub did not "
-                         f"provide it (offline, a typo, or a gated model needing HF_TOKEN): {first_line}")
+    return PipelineError(
+        f"MODEL_ID={model_id!r} could not be loaded: not a local directory, and the hub did not "
+        f"provide it (offline, a typo, or a gated model needing HF_TOKEN): {first_line}"
+    )
 
 
 def load_config(model_id: str) -> PretrainedConfig:
@@ -81,8 +86,9 @@ def load_language_model(model_id: str, store_dir: Path, device: torch.device, dt
     if device.type == "cuda":
         model_params["device_map"] = str(device)
     try:
-        lm = LanguageModel.from_huggingface(model_id, store=LocalStore(base_path=store_dir),
-                                            model_params=model_params, device=str(device))
+        lm = LanguageModel.from_huggingface(
+            model_id, store=LocalStore(base_path=store_dir), model_params=model_params, device=str(device)
+        )
     except (RuntimeError, OSError, ValueError) as exc:
         raise _load_error(model_id, exc) from None
     lm.model.eval()

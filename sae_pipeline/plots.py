@@ -49,8 +49,12 @@ def plot_firing_frequency(freq: torch.Tensor, path: Path, title: str = "") -> Pa
     fig, ax = plt.subplots(figsize=(7, 3.8))
     if alive.numel():
         logs = alive.log10().numpy()
-        ax.hist(logs, bins=min(50, max(10, alive.numel() // 4)), color="#3b6ea8",
-                label=f"{alive.numel()} latents that fired")
+        ax.hist(
+            logs,
+            bins=min(50, max(10, alive.numel() // 4)),
+            color="#3b6ea8",
+            label=f"{alive.numel()} latents that fired",
+        )
     ax.set_xlabel("log10(firing frequency)  (fraction of tokens on which the latent is active)")
     ax.set_ylabel("latents")
     never = int((freq == 0).sum())

@@ -27,7 +27,7 @@ class StopFlag:
         self._event = threading.Event()
         self.signal_name: str | None = None
 
-    def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> "StopFlag":
+    def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 signal.signal(sig, self._handle)

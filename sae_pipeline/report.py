@@ -18,7 +18,6 @@ import base64
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from sae_pipeline.store import atomic_write_json, atomic_write_text
 
 HIST_BINS = 30
+TEMPLATE = Path(__file__).with_name("feature_browser.html")  # the page; __TITLE__, __IMG__, __DATA__ filled in
 PROMOTED_TOP, PROMOTED_BOTTOM = 10, 5
 
 
@@ -82,8 +82,9 @@ class LatentScan:
             rr = rr.clamp(0, z.shape[0] - 1)
             same = inside & (prov[rr, 0] == prov[r, 0][:, None])
             win_act[c, l] = torch.where(same, z[rr, l[:, None]], torch.zeros((), device=z.device))
-            win_pos[c, l] = torch.where(same, prov[rr, 1].to(torch.int32), torch.full((), -1, dtype=torch.int32,
-                                                                                        device=z.device))
+            win_pos[c, l] = torch.where(
+                same, prov[rr, 1].to(torch.int32), torch.full((), -1, dtype=torch.int32, device=z.device)
+            )
             doc[c, l], pos[c, l], tok[c, l] = (prov[r, j].to(torch.int32) for j in range(3))
         doc[~valid] = -1
         self.best, self.doc, self.pos, self.tok, self.win_act, self.win_pos = vals, doc, pos, tok, win_act, win_pos
@@ -131,8 +132,9 @@ class ContextSource:
 
             ds = self.meta["dataset"]
             seed = ds.get("shuffle_seed") if ds.get("shuffle_seed") is not None else 0
-            rows = load_texts(ds["name"], ds["split"], ds["text_field"], int(ds["limit"]), bool(ds.get("shuffle")),
-                              seed)
+            rows = load_texts(
+                ds["name"], ds["split"], ds["text_field"], int(ds["limit"]), bool(ds.get("shuffle")), seed
+            )
             self._texts = rows[ds["text_field"]]
         return self._texts
 
@@ -171,8 +173,9 @@ class ContextSource:
 
 
 @torch.no_grad()
-def promoted_tokens(engine, model, tokenizer, latents: list[int], top: int = PROMOTED_TOP,
-                    bottom: int = PROMOTED_BOTTOM) -> dict[int, dict[str, list]]:
+def promoted_tokens(
+    engine, model, tokenizer, latents: list[int], top: int = PROMOTED_TOP, bottom: int = PROMOTED_BOTTOM
+) -> dict[int, dict[str, list]]:
     """{latent: {"promoted": [[token, logit], ...], "suppressed": [...]}}; {} when the widths do not match W_U."""
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if unembed is None or not latents:
@@ -196,12 +199,19 @@ def promoted_tokens(engine, model, tokenizer, latents: list[int], top: int = PRO
     def named(values, indices):
         return [[name(int(t)), round(float(v), 4)] for v, t in zip(values, indices)]
 
-    return {lat: {"promoted": named(hi.values[j], hi.indices[j]), "suppressed": named(lo.values[j], lo.indices[j])}
-            for j, lat in enumerate(latents)}
+    return {
+        lat: {"promoted": named(hi.values[j], hi.indices[j]), "suppressed": named(lo.values[j], lo.indices[j])}
+        for j, lat in enumerate(latents)
+    }
 
 
-def browser_data(scan: LatentScan, contexts: ContextSource, promoted: dict[int, dict[str, list]], n_detail: int,
-                 summary: dict[str, Any]) -> dict[str, Any]:
+def browser_data(
+    scan: LatentScan,
+    contexts: ContextSource,
+    promoted: dict[int, dict[str, list]],
+    n_detail: int,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
     """Everything the HTML page shows, as plain JSON-able data (also written as feature_browser.json)."""
     freq, mean = scan.frequency(), scan.mean_when_active()
     mx = scan.max.cpu()
@@ -219,15 +229,26 @@ def browser_data(scan: LatentScan, contexts: ContextSource, promoted: dict[int, 
             ctx = contexts.context(int(doc[c, lat]), int(pos[c, lat]), int(tok[c, lat]), scan.window, acts)
             ctx["activation"] = round(float(best[c, lat]), 4)
             ctxs.append(ctx)
-        cards.append({"latent": lat, "frequency": float(freq[lat]), "max": float(mx[lat]),
-                      "mean": float(mean[lat]), "histogram": hists.get(lat),
-                      **promoted.get(lat, {"promoted": [], "suppressed": []}), "contexts": ctxs})
+        cards.append(
+            {
+                "latent": lat,
+                "frequency": float(freq[lat]),
+                "max": float(mx[lat]),
+                "mean": float(mean[lat]),
+                "histogram": hists.get(lat),
+                **promoted.get(lat, {"promoted": [], "suppressed": []}),
+                "contexts": ctxs,
+            }
+        )
     data = {
         "summary": summary,
         "scanned_tokens": scan.n_tokens,
         "n_latents": scan.n_latents,
-        "latents": {"frequency": [float(f) for f in freq], "max": [round(float(m), 4) for m in mx],
-                    "mean": [round(float(m), 4) for m in mean]},
+        "latents": {
+            "frequency": [float(f) for f in freq],
+            "max": [round(float(m), 4) for m in mx],
+            "mean": [round(float(m), 4) for m in mean],
+        },
         "details": cards,
     }
     return _finite(data)
@@ -256,141 +277,14 @@ def render_html(data: dict[str, Any], png: bytes | None = None) -> str:
     payload = json.dumps(data, ensure_ascii=False, allow_nan=False).replace("<", "\\u003c")
     s = data.get("summary", {})
     title = f"SAE feature browser: {s.get('sae_run_id', '')}"
-    img = (f'<img alt="latent firing frequency histogram" src="data:image/png;base64,'
-           f'{base64.b64encode(png).decode()}">') if png else ""
-    return (_TEMPLATE.replace("__TITLE__", html.escape(title))
-            .replace("__IMG__", img)
-            .replace("__DATA__", payload))
-
-
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="pl">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>__TITLE__</title>
-<style>
-body { font-family: system-ui, "DejaVu Sans", sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { padding: 2px 8px; text-align: right; border-bottom: 1px solid #eee; }
-th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; user-select: none; }
-th.sorted::after { content: " \\25BC"; } th.sorted.asc::after { content: " \\25B2"; }
-#summary td:first-child, #summary th { text-align: left; }
-.list { max-height: 24em; overflow-y: auto; display: inline-block; border: 1px solid #ddd; }
-.cards { display: flex; flex-wrap: wrap; gap: 1em; }
-.latent-card { border: 1px solid #ccc; border-radius: 6px; padding: 0.6em 0.8em; width: 40em; }
-.latent-card h3 { margin: 0 0 0.3em 0; font-size: 1em; }
-.ctx { font-family: "DejaVu Sans Mono", monospace; font-size: 0.85em; white-space: pre-wrap; margin: 2px 0;
-       padding: 2px 4px; background: #fafafa; border-left: 3px solid #ddd; }
-.ctx .tok { border-radius: 2px; }
-.ctx .center { outline: 1px solid #c00; }
-.ctx .special { color: #999; }
-.act { color: #555; font-size: 0.8em; margin-right: 0.5em; }
-.tokens code { background: #eef; margin: 0 2px; padding: 0 3px; white-space: pre; }
-svg.hist rect { fill: #3b6ea8; }
-.muted { color: #777; font-size: 0.85em; }
-</style>
-</head>
-<body>
-<h1>__TITLE__</h1>
-<table id="summary"></table>
-<p>__IMG__</p>
-<h2>All latents <span class="muted" id="list-note"></span></h2>
-<div class="list"><table id="latent-list"><thead><tr>
-<th data-key="index">latent</th><th data-key="frequency">frequency</th><th data-key="max">max activation</th>
-<th data-key="mean">mean when active</th></tr></thead><tbody></tbody></table></div>
-<h2>Top latents <span class="muted" id="cards-note"></span></h2>
-<div class="cards" id="cards"></div>
-<script id="browser-data" type="application/json">__DATA__</script>
-<script>
-"use strict";
-const DATA = JSON.parse(document.getElementById("browser-data").textContent);
-const esc = (t) => String(t).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
-const num = (v, d = 4) => (v === null || v === undefined) ? "n/a" : (Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3)
-  ? v.toExponential(2) : v.toFixed(d));
-
-function renderSummary() {
-  const s = DATA.summary || {}, ds = s.downstream || {}, rc = s.reconstruction || {};
-  const rows = [["SAE run", s.sae_run_id], ["activation run", s.activation_run_id], ["model", s.model_id],
-    ["layer", (s.layer || "") + " (" + (s.hook_side || "") + ")"], ["latents / k", s.n_latents + " / " + s.k],
-    ["CE clean / SAE / zero / mean", [ds.ce_clean, ds.ce_sae, ds.ce_zero, ds.ce_mean].map((v) => num(v)).join(" / ")],
-    ["CE-loss recovered (zero / mean ablation)", num(ds.ce_loss_recovered) + " / " + num(ds.ce_loss_recovered_mean_ablation)],
-    ["delta loss / KL", num(ds.delta_loss) + " / " + num(ds.kl_sae)],
-    ["FVU / MSE / L0 / never fired", [num(rc.fvu), num(rc.mse), num(rc.l0, 2),
-      rc.never_fired_fraction === undefined ? "n/a" : (100 * rc.never_fired_fraction).toFixed(1) + "%"].join(" / ")],
-    ["stored tokens scanned", DATA.scanned_tokens]];
-  document.getElementById("summary").innerHTML = rows.map(([k, v]) =>
-    "<tr><th>" + esc(k) + "</th><td>" + esc(v === undefined ? "" : v) + "</td></tr>").join("");
-}
-
-const L = DATA.latents;
-const detailSet = new Set(DATA.details.map((d) => d.latent));
-let sortKey = "frequency", sortAsc = false;
-function renderList() {
-  const idx = Array.from({length: DATA.n_latents}, (_, i) => i);
-  const val = (i) => sortKey === "index" ? i : (L[sortKey][i] === null ? -1 : L[sortKey][i]);
-  idx.sort((a, b) => (val(a) - val(b)) * (sortAsc ? 1 : -1) || a - b);
-  document.querySelector("#latent-list tbody").innerHTML = idx.map((i) =>
-    '<tr class="latent-row" data-latent="' + i + '"><td>' + (detailSet.has(i) ? '<a href="#latent-' + i + '">' + i + "</a>" : i) +
-    "</td><td>" + num(L.frequency[i], 5) + "</td><td>" + num(L.max[i], 3) + "</td><td>" + num(L.mean[i], 3) + "</td></tr>").join("");
-  document.querySelectorAll("#latent-list th").forEach((th) => {
-    th.classList.toggle("sorted", th.dataset.key === sortKey);
-    th.classList.toggle("asc", th.dataset.key === sortKey && sortAsc);
-  });
-  document.getElementById("list-note").textContent = "(" + DATA.n_latents + " latents; click a column to sort)";
-}
-document.querySelectorAll("#latent-list th").forEach((th) => th.addEventListener("click", () => {
-  if (sortKey === th.dataset.key) { sortAsc = !sortAsc; } else { sortKey = th.dataset.key; sortAsc = th.dataset.key === "index"; }
-  renderList();
-}));
-
-function histogram(h) {
-  if (!h) { return '<p class="muted">no activations</p>'; }
-  const W = 300, H = 70, n = h.counts.length, top = Math.max(...h.counts, 1);
-  const bars = h.counts.map((c, i) => {
-    const bh = c === 0 ? 0 : Math.max(1, H * Math.log1p(c) / Math.log1p(top));
-    return '<rect x="' + (i * W / n) + '" y="' + (H - bh) + '" width="' + (W / n - 1) + '" height="' + bh + '"><title>' +
-      num(h.edges[i], 3) + "-" + num(h.edges[i + 1], 3) + ": " + c + "</title></rect>";
-  }).join("");
-  return '<svg class="hist" width="' + W + '" height="' + (H + 14) + '" viewBox="0 0 ' + W + " " + (H + 14) + '">' + bars +
-    '<text x="0" y="' + (H + 12) + '" font-size="10">0</text><text x="' + W + '" y="' + (H + 12) +
-    '" font-size="10" text-anchor="end">' + num(h.edges[n], 3) + "</text></svg>";
-}
-
-function context(ctx, maxAct) {
-  const parts = ctx.tokens.map(([text, act, special], i) => {
-    const a = act === null || act === undefined ? 0 : act;
-    const alpha = maxAct > 0 ? Math.min(1, a / maxAct) : 0;
-    const cls = "tok" + (i === ctx.center ? " center" : "") + (special ? " special" : "");
-    const tip = act === null || act === undefined ? "not stored" : "activation " + num(act, 3);
-    return '<span class="' + cls + '" style="background: rgba(255,140,0,' + alpha.toFixed(3) + ')" title="' + esc(tip) + '">' +
-      esc(text) + "</span>";
-  }).join("");
-  return '<div class="ctx"><span class="act">' + num(ctx.activation, 3) + (ctx.mismatch ? " (text changed since capture)" : "") +
-    "</span>" + parts + "</div>";
-}
-
-function renderCards() {
-  const tokens = (list) => list.length ? list.map(([t, v]) => "<code title=\\"" + num(v, 3) + "\\">" + esc(t) + "</code>").join("")
-    : '<span class="muted">n/a</span>';
-  document.getElementById("cards").innerHTML = DATA.details.map((d) =>
-    '<div class="latent-card" id="latent-' + d.latent + '"><h3>latent ' + d.latent + "</h3>" +
-    '<div class="muted">frequency ' + num(d.frequency, 5) + ", max " + num(d.max, 3) + ", mean when active " + num(d.mean, 3) + "</div>" +
-    histogram(d.histogram) +
-    '<div class="tokens">promotes: ' + tokens(d.promoted) + "</div>" +
-    '<div class="tokens">suppresses: ' + tokens(d.suppressed) + "</div>" +
-    "<div>" + d.contexts.map((c) => context(c, d.max)).join("") + "</div></div>").join("");
-  document.getElementById("cards-note").textContent = "(" + DATA.details.length +
-    " most frequent; contexts from the stored tokens, highlight = activation / the latent's max)";
-}
-
-renderSummary();
-renderList();
-renderCards();
-document.body.dataset.rendered = String(document.querySelectorAll(".latent-row").length);
-</script>
-</body>
-</html>
-"""
+    img = (
+        (f'<img alt="latent firing frequency histogram" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+        if png
+        else ""
+    )
+    return (
+        TEMPLATE.read_text(encoding="utf-8")
+        .replace("__TITLE__", html.escape(title))
+        .replace("__IMG__", img)
+        .replace("__DATA__", payload)
+    )

@@ -110,8 +110,10 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
             return pre, z, self.decode(z)
         top = F.relu(pre).topk(self.top_k, dim=-1, sorted=False)
         z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
-        x_hat = F.embedding_bag(top.indices, self.W_dec.to(top.values.dtype), per_sample_weights=top.values,
-                                mode="sum") + self.b_dec
+        x_hat = (
+            F.embedding_bag(top.indices, self.W_dec.to(top.values.dtype), per_sample_weights=top.values, mode="sum")
+            + self.b_dec
+        )
         return pre, z, x_hat
 
     @torch.no_grad()
@@ -142,8 +144,16 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
 class PipelineSae(TopKSae):
     """mi_crow's TopKSae with a decoder bias and BatchTopK; usable wherever mi_crow expects a TopKSae."""
 
-    def __init__(self, n_latents: int, n_inputs: int, k: int, architecture: str = "topk", device: str = "cpu",
-                 hook_id: str | None = None, store: Any = None):
+    def __init__(
+        self,
+        n_latents: int,
+        n_inputs: int,
+        k: int,
+        architecture: str = "topk",
+        device: str = "cpu",
+        hook_id: str | None = None,
+        store: Any = None,
+    ):
         self._k, self._architecture = k, architecture  # read by _initialize_sae_engine during super().__init__
         super().__init__(n_latents, n_inputs, hook_id=hook_id, device=device, store=store)
         self.k = k  # mi_crow's trainer/savers look for ``sae.k``
@@ -151,8 +161,9 @@ class PipelineSae(TopKSae):
     def _initialize_sae_engine(self, k: int | None = None) -> BiasedTopKEngine:
         if k is not None:
             self._k = self.k = k
-        return BiasedTopKEngine(self.context.n_inputs, self.context.n_latents, self._k, self._architecture,
-                                device=self.context.device)
+        return BiasedTopKEngine(
+            self.context.n_inputs, self.context.n_latents, self._k, self._architecture, device=self.context.device
+        )
 
     @property
     def architecture(self) -> str:
@@ -166,13 +177,19 @@ class PipelineSae(TopKSae):
         folded = (eng.b_enc.detach().double().cpu() - w_enc.double() @ b_dec.double()).float()
         w_dec = eng.W_dec.detach().float().cpu()
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        state = {W_ENC_KEY: w_enc.clone(), B_ENC_KEY: folded, W_DEC_KEY: w_dec,
-                 MULTIPLIER_KEY: eng.dictionary.multiplier.detach().float().cpu().clone()}
+        state = {
+            W_ENC_KEY: w_enc.clone(),
+            B_ENC_KEY: folded,
+            W_DEC_KEY: w_dec,
+            MULTIPLIER_KEY: eng.dictionary.multiplier.detach().float().cpu().clone(),
+        }
         return {
             "sae_state_dict": state,
             "mi_crow_metadata": {
-                "concepts_state": {"multiplication": self.concepts.multiplication.detach().cpu(),
-                                   "bias": self.concepts.bias.detach().cpu()},
+                "concepts_state": {
+                    "multiplication": self.concepts.multiplication.detach().cpu(),
+                    "bias": self.concepts.bias.detach().cpu(),
+                },
                 "n_latents": self.context.n_latents,
                 "n_inputs": self.context.n_inputs,
                 "k": self._k,
@@ -180,8 +197,13 @@ class PipelineSae(TopKSae):
                 "layer_signature": self.context.lm_layer_signature,
                 "model_id": self.context.model_id,
             },
-            "pipeline_sae": {"format": FORMAT, "architecture": self._architecture, "k": self._k,
-                             "b_dec": b_dec.clone(), "threshold": float(eng.threshold)},
+            "pipeline_sae": {
+                "format": FORMAT,
+                "architecture": self._architecture,
+                "k": self._k,
+                "b_dec": b_dec.clone(),
+                "threshold": float(eng.threshold),
+            },
         }
 
     def save(self, name: str, path: str | Path | None = None, k: int | None = None) -> Path:
@@ -193,15 +215,16 @@ class PipelineSae(TopKSae):
         return target
 
     @staticmethod
-    def load(path: Path, device: str | torch.device = "cpu") -> "PipelineSae":
+    def load(path: Path, device: str | torch.device = "cpu") -> PipelineSae:
         """Load our model.pt (or a plain mi_crow TopKSae file, then b_dec = 0)."""
         payload = load_torch_file(Path(path))
         try:
             meta, state = payload["mi_crow_metadata"], payload["sae_state_dict"]
             extra = payload.get("pipeline_sae", {})
             k = int(extra.get("k", meta["k"]))
-            sae = PipelineSae(int(meta["n_latents"]), int(meta["n_inputs"]), k,
-                              architecture=extra.get("architecture", "topk"))
+            sae = PipelineSae(
+                int(meta["n_latents"]), int(meta["n_inputs"]), k, architecture=extra.get("architecture", "topk")
+            )
             b_dec = extra.get("b_dec", torch.zeros(int(meta["n_inputs"]))).float()
             eng = sae.sae_engine
             with torch.no_grad():
@@ -223,7 +246,7 @@ class PipelineSae(TopKSae):
         sae.to_device(device)
         return sae
 
-    def to_device(self, device: str | torch.device) -> "PipelineSae":
+    def to_device(self, device: str | torch.device) -> PipelineSae:
         self.sae_engine.to(device)
         self.context.device = str(device)
         return self

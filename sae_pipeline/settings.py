@@ -30,21 +30,30 @@ class CommonSettings(BaseSettings):
         case_sensitive=False, env_ignore_empty=True, extra="ignore", protected_namespaces=(), frozen=True
     )
 
-    model_id: str = Field("speakleash/Bielik-1.5B-v3.0-Instruct", min_length=1,
-                          description="Hugging Face model id or a local model directory")
-    store_dir: Path = Field(default_factory=default_store_dir,
-                            description="where runs are stored ($SCRATCH/sae_store when SCRATCH is set, else ./store)")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
-                        description="auto, cpu, cuda, cuda:N or mps")
+    model_id: str = Field(
+        "speakleash/Bielik-1.5B-v3.0-Instruct",
+        min_length=1,
+        description="Hugging Face model id or a local model directory",
+    )
+    store_dir: Path = Field(
+        default_factory=default_store_dir,
+        description="where runs are stored ($SCRATCH/sae_store when SCRATCH is set, else ./store)",
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto, cpu, cuda, cuda:N or mps")
     model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype the model runs in; auto = checkpoint dtype on GPU, float32 on CPU")
+        "auto", description="dtype the model runs in; auto = checkpoint dtype on GPU, float32 on CPU"
+    )
     layer_num: int = Field(16, ge=0, description="transformer block whose post_attention_layernorm is hooked")
-    layer_signature: str | None = Field(None, min_length=1,
-                                        description="full mi_crow hook name; overrides LAYER_NUM (any architecture)")
+    layer_signature: str | None = Field(
+        None, min_length=1, description="full mi_crow hook name; overrides LAYER_NUM (any architecture)"
+    )
     seed: int = Field(42, ge=0, description="seed for every random choice (shuffles, SAE init)")
-    run_id: str | None = Field(None, min_length=1,
-                               description="activation run id (same as --run_id; step 1 default: a fresh one, "
-                                           "later steps: the one in STORE_DIR/run_id.txt)")
+    run_id: str | None = Field(
+        None,
+        min_length=1,
+        description="activation run id (same as --run_id; step 1 default: a fresh one, "
+        "later steps: the one in STORE_DIR/run_id.txt)",
+    )
 
 
 def _slurm_int(name: str, default: int | None) -> int:
@@ -59,8 +68,11 @@ def _slurm_int(name: str, default: int | None) -> int:
 class CaptureSettings(CommonSettings):
     """Variables of step 1 (01_save_activations.py)."""
 
-    hf_dataset: str = Field("roneneldan/TinyStories", min_length=1,
-                            description="hub dataset or a local file/folder (jsonl, json, csv, parquet, txt)")
+    hf_dataset: str = Field(
+        "roneneldan/TinyStories",
+        min_length=1,
+        description="hub dataset or a local file/folder (jsonl, json, csv, parquet, txt)",
+    )
     data_split: str = Field("train", min_length=1, description="dataset split")
     text_field: str = Field("text", min_length=1, description="column holding the text")
     data_limit: int = Field(10000, ge=1, description="first N rows of the split are used")
@@ -69,17 +81,23 @@ class CaptureSettings(CommonSettings):
     batch_size_save: int = Field(16, ge=1, description="documents per forward pass")
     docs_per_shard: int = Field(1024, ge=1, description="documents per stored shard (the unit of resume)")
     hook_side: Literal["output", "input"] = Field(
-        "output", description="output = the hooked module's output (seed default); input = its input")
+        "output", description="output = the hooked module's output (seed default); input = its input"
+    )
     keep_special_tokens: bool = Field(False, description="also store BOS/EOS and other special tokens")
-    store_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16",
-                                                                   description="dtype activations are stored in")
-    capture_task_id: int | None = Field(None, ge=0, description="this task's part of the dataset (default: from "
-                                                                 "SLURM_ARRAY_TASK_ID in an array job, else all)")
-    capture_task_count: int | None = Field(None, ge=1, description="number of parts the dataset is split into "
-                                                                    "(default: the array's task count)")
+    store_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype activations are stored in"
+    )
+    capture_task_id: int | None = Field(
+        None,
+        ge=0,
+        description="this task's part of the dataset (default: from SLURM_ARRAY_TASK_ID in an array job, else all)",
+    )
+    capture_task_count: int | None = Field(
+        None, ge=1, description="number of parts the dataset is split into (default: the array's task count)"
+    )
 
     @model_validator(mode="after")
-    def _array_task(self) -> "CaptureSettings":
+    def _array_task(self) -> CaptureSettings:
         """In a SLURM array each task captures its own shards of the one run: derive the part from SLURM."""
         if self.capture_task_id is None and self.capture_task_count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
             task = _slurm_int("SLURM_ARRAY_TASK_ID", None)
@@ -90,8 +108,9 @@ class CaptureSettings(CommonSettings):
         if (self.capture_task_id is None) != (self.capture_task_count is None):
             raise ValueError("CAPTURE_TASK_ID and CAPTURE_TASK_COUNT must be set together")
         if self.capture_task_id is not None and self.capture_task_id >= self.capture_task_count:
-            raise ValueError(f"CAPTURE_TASK_ID={self.capture_task_id} must be below "
-                             f"CAPTURE_TASK_COUNT={self.capture_task_count}")
+            raise ValueError(
+                f"CAPTURE_TASK_ID={self.capture_task_id} must be below CAPTURE_TASK_COUNT={self.capture_task_count}"
+            )
         return self
 
 
@@ -101,38 +120,55 @@ class TrainSettings(CommonSettings):
     n_latents_multiplier: int = Field(4, ge=1, description="SAE latents = d_model x this")
     top_k: int = Field(8, ge=1, description="active latents per token (must be below the number of latents)")
     sae_architecture: Literal["topk", "batchtopk"] = Field(
-        "topk", description="topk = k latents per token; batchtopk = k per token on average over a batch, "
-                            "with a threshold learned for inference")
+        "topk",
+        description="topk = k latents per token; batchtopk = k per token on average over a batch, "
+        "with a threshold learned for inference",
+    )
     epochs: int = Field(10, ge=1, description="passes over the training tokens")
-    batch_size_train: int = Field(4096, ge=1, description="tokens per optimisation step (the seed used 32, "
-                                                          "far too few for a good SAE)")
-    lr: float = Field(6e-3, gt=0, le=1,
-                      description="peak learning rate (Adam); chosen by the sweep in benchmarks/RESULTS.md")
-    lr_warmup_fraction: float = Field(0.05, ge=0, le=0.5,
-                                      description="fraction of the steps with a linear learning-rate warm-up")
-    lr_decay_fraction: float = Field(0.2, ge=0, le=1,
-                                     description="fraction of the steps at the end with a linear decay to 0")
-    l1_lambda: float = Field(1e-4, ge=0, description="L1 penalty on the mean code value (optional for TopK; 0 "
-                                                     "disables)")
-    auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss that revives dead latents "
-                                                        "(Gao et al. 2024; 0 disables)")
-    dead_tokens_window: int = Field(10_000_000, ge=1,
-                                    description="a latent is dead if it did not fire in this many training tokens "
-                                                "(capped at a tenth of all tokens trained on, so short runs get one)")
+    batch_size_train: int = Field(
+        4096, ge=1, description="tokens per optimisation step (the seed used 32, far too few for a good SAE)"
+    )
+    lr: float = Field(
+        6e-3, gt=0, le=1, description="peak learning rate (Adam); chosen by the sweep in benchmarks/RESULTS.md"
+    )
+    lr_warmup_fraction: float = Field(
+        0.05, ge=0, le=0.5, description="fraction of the steps with a linear learning-rate warm-up"
+    )
+    lr_decay_fraction: float = Field(
+        0.2, ge=0, le=1, description="fraction of the steps at the end with a linear decay to 0"
+    )
+    l1_lambda: float = Field(
+        1e-4, ge=0, description="L1 penalty on the mean code value (optional for TopK; 0 disables)"
+    )
+    auxk_alpha: float = Field(
+        1 / 32, ge=0, description="weight of the AuxK loss that revives dead latents (Gao et al. 2024; 0 disables)"
+    )
+    dead_tokens_window: int = Field(
+        10_000_000,
+        ge=1,
+        description="a latent is dead if it did not fire in this many training tokens "
+        "(capped at a tenth of all tokens trained on, so short runs get one)",
+    )
     grad_clip: float = Field(1.0, ge=0, description="gradient-norm clipping threshold (0 disables)")
     amp_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="autocast dtype on CUDA (float32 disables autocast; CPU always runs float32)")
-    holdout_fraction: float = Field(0.05, gt=0, le=0.5,
-                                    description="fraction of every shard's tokens held out for evaluation, "
-                                                "never trained on")
-    shuffle_buffer_tokens: int = Field(1_048_576, ge=1,
-                                       description="tokens held in memory and shuffled together (whole shards, "
-                                                   "at least one; memory about 2x this x d_model x 2 bytes)")
-    checkpoint_every_steps: int = Field(1000, ge=1,
-                                        description="steps between checkpoints (also written at each epoch end)")
+        "bfloat16", description="autocast dtype on CUDA (float32 disables autocast; CPU always runs float32)"
+    )
+    holdout_fraction: float = Field(
+        0.05, gt=0, le=0.5, description="fraction of every shard's tokens held out for evaluation, never trained on"
+    )
+    shuffle_buffer_tokens: int = Field(
+        1_048_576,
+        ge=1,
+        description="tokens held in memory and shuffled together (whole shards, "
+        "at least one; memory about 2x this x d_model x 2 bytes)",
+    )
+    checkpoint_every_steps: int = Field(
+        1000, ge=1, description="steps between checkpoints (also written at each epoch end)"
+    )
     log_every_steps: int = Field(100, ge=1, description="steps between metric lines in history.json")
-    wandb_project: str | None = Field(None, min_length=1,
-                                      description="log metrics to this W&B project (unset: nothing is sent)")
+    wandb_project: str | None = Field(
+        None, min_length=1, description="log metrics to this W&B project (unset: nothing is sent)"
+    )
     sae_run_id: str | None = Field(None, min_length=1, description="training run id (default: a fresh one)")
 
     @field_validator("lr", "auxk_alpha", "grad_clip", "l1_lambda")
@@ -143,10 +179,12 @@ class TrainSettings(CommonSettings):
         return value
 
     @model_validator(mode="after")
-    def _schedule_fits(self) -> "TrainSettings":
+    def _schedule_fits(self) -> TrainSettings:
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
-            raise ValueError(f"LR_WARMUP_FRACTION={self.lr_warmup_fraction} + LR_DECAY_FRACTION="
-                             f"{self.lr_decay_fraction} must not exceed 1")
+            raise ValueError(
+                f"LR_WARMUP_FRACTION={self.lr_warmup_fraction} + LR_DECAY_FRACTION="
+                f"{self.lr_decay_fraction} must not exceed 1"
+            )
         return self
 
 
@@ -168,23 +206,40 @@ class EvalSettings(CommonSettings):
     """Variables of step 3 (03_evaluate_sae.py). The layer, hook side, special-token rule and max length come from
     the training and activation runs; MODEL_ID defaults to the activation run's model when it is not set."""
 
-    sae_run_id: str | None = Field(None, min_length=1,
-                                   description="training run to evaluate (same as --sae_run_id; default: the one "
-                                               "in STORE_DIR/sae_run_id.txt)")
-    eval_limit: int = Field(200, ge=1, description="held-out documents evaluated: the rows after the ones capture "
-                                                   "used (DATA_LIMIT), or the first rows of EVAL_DATASET")
-    eval_dataset: str | None = Field(None, min_length=1,
-                                     description="evaluate on this hub dataset or local file instead "
-                                                 "(default: the activation run's dataset, past the captured rows)")
-    eval_split: str | None = Field(None, min_length=1, description="split of EVAL_DATASET (default: train; "
-                                                                    "without EVAL_DATASET the run's split)")
-    eval_text_field: str | None = Field(None, min_length=1,
-                                        description="text column of EVAL_DATASET (default: the run's TEXT_FIELD)")
+    sae_run_id: str | None = Field(
+        None,
+        min_length=1,
+        description="training run to evaluate (same as --sae_run_id; default: the one in STORE_DIR/sae_run_id.txt)",
+    )
+    eval_limit: int = Field(
+        200,
+        ge=1,
+        description="held-out documents evaluated: the rows after the ones capture "
+        "used (DATA_LIMIT), or the first rows of EVAL_DATASET",
+    )
+    eval_dataset: str | None = Field(
+        None,
+        min_length=1,
+        description="evaluate on this hub dataset or local file instead "
+        "(default: the activation run's dataset, past the captured rows)",
+    )
+    eval_split: str | None = Field(
+        None, min_length=1, description="split of EVAL_DATASET (default: train; without EVAL_DATASET the run's split)"
+    )
+    eval_text_field: str | None = Field(
+        None, min_length=1, description="text column of EVAL_DATASET (default: the run's TEXT_FIELD)"
+    )
     batch_size_eval: int = Field(8, ge=1, description="documents per forward pass in evaluation")
-    eval_scan_tokens: int = Field(1_000_000, ge=1,
-                                  description="stored tokens of the activation run read for the feature browser "
-                                              "(top contexts, frequencies) and the mean-ablation mean")
-    browser_latents: int = Field(100, ge=0, description="latents shown in detail in the feature browser "
-                                                        "(the most frequently firing ones; all are listed)")
+    eval_scan_tokens: int = Field(
+        1_000_000,
+        ge=1,
+        description="stored tokens of the activation run read for the feature browser "
+        "(top contexts, frequencies) and the mean-ablation mean",
+    )
+    browser_latents: int = Field(
+        100,
+        ge=0,
+        description="latents shown in detail in the feature browser (the most frequently firing ones; all are listed)",
+    )
     browser_contexts: int = Field(10, ge=1, le=100, description="top-activating contexts shown per latent")
     browser_window: int = Field(12, ge=1, le=64, description="tokens shown on each side of an activating token")

@@ -23,9 +23,10 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -128,7 +129,8 @@ class Store:
             os.unlink(probe)
         except OSError as exc:
             raise PipelineError(
-                f"STORE_DIR={str(self.root)!r} is not writable ({exc.strerror}); set STORE_DIR to a folder you can write"
+                f"STORE_DIR={str(self.root)!r} is not writable ({exc.strerror}); "
+                "set STORE_DIR to a folder you can write"
             ) from None
 
     def read_pointer(self, name: str = RUN_ID_FILE) -> str:
@@ -181,7 +183,7 @@ class ActivationRun:
         """Shard folders exist only once complete (they are renamed into place)."""
         done = set()
         for p in self.dir.glob("batch_*"):
-            suffix = p.name[len("batch_"):]
+            suffix = p.name[len("batch_") :]
             if p.is_dir() and suffix.isdigit():
                 done.add(int(suffix))
         return done
@@ -194,8 +196,14 @@ class ActivationRun:
             if shards is None or (index.isdigit() and int(index) in shards):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def write_shard(self, index: int, layer_signature: str, activations: torch.Tensor,
-                    provenance: torch.Tensor, info: dict[str, Any]) -> int:
+    def write_shard(
+        self,
+        index: int,
+        layer_signature: str,
+        activations: torch.Tensor,
+        provenance: torch.Tensor,
+        info: dict[str, Any],
+    ) -> int:
         """Write shard ``index`` atomically; returns its size in bytes."""
         final = self.shard_dir(index)
         tmp = self.dir / f".tmp_batch_{index}_{os.getpid()}_{secrets.token_hex(2)}"
@@ -204,8 +212,10 @@ class ActivationRun:
             (tmp / layer_signature).mkdir()
             save_file({"tensor": activations.contiguous()}, str(tmp / layer_signature / "activations.safetensors"))
             (tmp / PROVENANCE_KEY).mkdir()
-            save_file({"tensor": provenance.to(torch.int32).contiguous()},
-                      str(tmp / PROVENANCE_KEY / "provenance.safetensors"))
+            save_file(
+                {"tensor": provenance.to(torch.int32).contiguous()},
+                str(tmp / PROVENANCE_KEY / "provenance.safetensors"),
+            )
             metadata = {
                 layer_signature: {"activations_shape": list(activations.shape)},
                 PROVENANCE_KEY: {"provenance_shape": list(provenance.shape), "columns": list(PROVENANCE_COLUMNS)},
@@ -229,8 +239,10 @@ class ActivationRun:
         acts = load_tensors(shard / layer_signature / "activations.safetensors")["tensor"]
         prov = load_tensors(shard / PROVENANCE_KEY / "provenance.safetensors")["tensor"]
         if acts.ndim != 2 or prov.shape != (acts.shape[0], len(PROVENANCE_COLUMNS)):
-            raise PipelineError(f"{shard} holds tensors of unexpected shapes {tuple(acts.shape)} and "
-                                f"{tuple(prov.shape)}; the run is corrupted")
+            raise PipelineError(
+                f"{shard} holds tensors of unexpected shapes {tuple(acts.shape)} and "
+                f"{tuple(prov.shape)}; the run is corrupted"
+            )
         return acts, prov
 
     def iter_shards(self, layer_signature: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -28,7 +28,7 @@ def load_sample_texts(path: Path | None = None) -> list[str]:
     """All texts of the sample corpus, blank ones included: the pipeline must see them to skip and count them."""
     path = Path(path) if path is not None else SAMPLE_PATH
     if not path.is_file():
-        raise PipelineError(f"sample corpus {path} not found; expected a JSONL file with one {{\"text\": ...}} per line")
+        raise PipelineError(f'sample corpus {path} not found; expected a JSONL file with one {{"text": ...}} per line')
     with path.open(encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
@@ -102,8 +102,9 @@ def build_tiny_llama(
 # Random-weight models the benchmarks time: a CPU-sized Llama, and one with Bielik-1.5B's exact shape (for a GPU).
 BENCHMARK_SHAPES = {
     "cpu": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1376, vocab_size=4000),
-    "bielik-1.5b": dict(hidden_size=1536, num_layers=32, num_heads=12, num_kv_heads=2, intermediate_size=8960,
-                        vocab_size=32000),
+    "bielik-1.5b": dict(
+        hidden_size=1536, num_layers=32, num_heads=12, num_kv_heads=2, intermediate_size=8960, vocab_size=32000
+    ),
 }
 
 

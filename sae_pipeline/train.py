@@ -42,7 +42,14 @@ from sae_pipeline.metrics import ReconstructionStats, dead_fraction, fvu
 from sae_pipeline.preemption import StopFlag, StopRequested
 from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import (
-    META_FILE, RUN_ID_FILE, SAE_RUN_ID_FILE, Store, atomic_write_json, new_run_id, open_complete_run, read_json,
+    META_FILE,
+    RUN_ID_FILE,
+    SAE_RUN_ID_FILE,
+    Store,
+    atomic_write_json,
+    new_run_id,
+    open_complete_run,
+    read_json,
     validate_run_id,
 )
 
@@ -54,13 +61,29 @@ CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 B_DEC_SAMPLE_TOKENS = 32_768
 # settings that may change between a kill and the resume; every other one must match the checkpoint
-RESUME_MAY_CHANGE = {"device", "store_dir", "run_id", "sae_run_id", "checkpoint_every_steps", "log_every_steps",
-                     "wandb_project", "model_id", "model_dtype", "layer_num", "layer_signature"}
+RESUME_MAY_CHANGE = {
+    "device",
+    "store_dir",
+    "run_id",
+    "sae_run_id",
+    "checkpoint_every_steps",
+    "log_every_steps",
+    "wandb_project",
+    "model_id",
+    "model_dtype",
+    "layer_num",
+    "layer_signature",
+}
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: str | None = None,
-              stop: StopFlag | None = None, dist: Dist | None = None) -> Path:
+def train_sae(
+    settings: TrainSettings,
+    run_id: str | None = None,
+    sae_run_id: str | None = None,
+    stop: StopFlag | None = None,
+    dist: Dist | None = None,
+) -> Path:
     """Train (or resume) one SAE; returns its folder STORE_DIR/runs/<sae_run_id>. ``dist``: this process's place
     in a torchrun launch (default: the only process)."""
     dist = dist or Dist()
@@ -70,8 +93,10 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
     layer, d_in = act_meta["layer_signature"], int(act_meta["d_model"])
     n_latents = d_in * settings.n_latents_multiplier
     if settings.top_k >= n_latents:
-        raise PipelineError(f"TOP_K={settings.top_k} is not valid: use 1..{n_latents - 1} (below n_latents = "
-                            f"d_model {d_in} x N_LATENTS_MULTIPLIER {settings.n_latents_multiplier})")
+        raise PipelineError(
+            f"TOP_K={settings.top_k} is not valid: use 1..{n_latents - 1} (below n_latents = "
+            f"d_model {d_in} x N_LATENTS_MULTIPLIER {settings.n_latents_multiplier})"
+        )
     sae_run_id = validate_run_id(sae_run_id or settings.sae_run_id or new_run_id("sae"), "--sae_run_id")
     out = store.run_dir(sae_run_id)
     store.ensure_writable()
@@ -90,26 +115,46 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
     dist.init(device)
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
 
-    loader = TokenLoader(run, layer, d_in, settings.batch_size_train, settings.holdout_fraction, settings.seed,
-                         settings.shuffle_buffer_tokens, dist.rank, dist.world_size)
+    loader = TokenLoader(
+        run,
+        layer,
+        d_in,
+        settings.batch_size_train,
+        settings.holdout_fraction,
+        settings.seed,
+        settings.shuffle_buffer_tokens,
+        dist.rank,
+        dist.world_size,
+    )
     total_steps = loader.steps_per_epoch * settings.epochs
     window = min(settings.dead_tokens_window, max(settings.batch_size_train, loader.n_train * settings.epochs // 10))
-    config = {**{k: v for k, v in settings.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE},
-              "activation_run_id": run_id, "d_in": d_in, "n_latents": n_latents}
+    config = {
+        **{k: v for k, v in settings.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE},
+        "activation_run_id": run_id,
+        "d_in": d_in,
+        "n_latents": n_latents,
+    }
 
     sae = PipelineSae(n_latents, d_in, settings.top_k, settings.sae_architecture)
     sae.context.lm_layer_signature, sae.context.model_id = layer, act_meta.get("model_id")
     eng: BiasedTopKEngine = sae.to_device(device).sae_engine
     opt = torch.optim.Adam(eng.parameters(), lr=settings.lr, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, settings.lr_warmup_fraction,
-                                                                        settings.lr_decay_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, settings.lr_warmup_fraction, settings.lr_decay_fraction)
+    )
     amp = AMP_DTYPES.get(settings.amp_dtype) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     since_fired = torch.zeros(n_latents, dtype=torch.int64, device=device)  # training tokens since each fired
     epoch_stats, log_stats = ReconstructionStats(d_in, n_latents, device), ReconstructionStats(d_in, n_latents, device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, auxk loss, steps since last log, epoch loss
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "elapsed_s": 0.0,
-                             "history": {"steps": [], "epochs": []}}
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "tokens": 0,
+        "elapsed_s": 0.0,
+        "history": {"steps": [], "epochs": []},
+    }
 
     ckpt_path = out / CHECKPOINT_FILE
     for stale in out.glob(f".{CHECKPOINT_FILE}.*.tmp") if dist.is_main else ():  # left by a kill mid-write
@@ -130,33 +175,59 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
         if dist.is_main:
-            print(f"resumed from step {state['step']} of {total_steps} (epoch {state['epoch'] + 1}) "
-                  f"using {ckpt_path}", file=sys.stderr)
+            print(
+                f"resumed from step {state['step']} of {total_steps} (epoch {state['epoch'] + 1}) using {ckpt_path}",
+                file=sys.stderr,
+            )
     else:
         torch.manual_seed(settings.seed)
         eng.initialize(geometric_median(loader.sample(B_DEC_SAMPLE_TOKENS).float()), settings.seed)
         dist.broadcast_module(eng)  # rank 0's b_dec (from its own sample) on every rank
         if dist.is_main:
-            _write_meta(out, {"status": "running", "sae_run_id": sae_run_id, "activation_run_id": run_id,
-                              "config": config, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            _write_meta(
+                out,
+                {
+                    "status": "running",
+                    "sae_run_id": sae_run_id,
+                    "activation_run_id": run_id,
+                    "config": config,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
 
     def save_checkpoint() -> None:
         pending = dist.gather_stats(log_stats)  # every rank's tokens since the last log line
         if dist.is_main:
-            atomic_torch_save({"config": config, "model": eng.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                               "since_fired": since_fired, "epoch_stats": epoch_stats.state_dict(),
-                               "log_stats": pending.state_dict(), "sums": sums,
-                               "rng": torch.get_rng_state(),
-                               "state": {**state, "elapsed_s": state["elapsed_s"] + time.time() - t_start}},
-                              ckpt_path)
+            atomic_torch_save(
+                {
+                    "config": config,
+                    "model": eng.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "since_fired": since_fired,
+                    "epoch_stats": epoch_stats.state_dict(),
+                    "log_stats": pending.state_dict(),
+                    "sums": sums,
+                    "rng": torch.get_rng_state(),
+                    "state": {**state, "elapsed_s": state["elapsed_s"] + time.time() - t_start},
+                },
+                ckpt_path,
+            )
 
     def log_line() -> dict[str, Any]:
         n = max(float(sums[2]), 1.0)
         stats = dist.gather_stats(log_stats)  # log_stats itself with one process
-        entry = {"step": state["step"], "epoch": state["epoch"], "tokens": state["tokens"],
-                 "loss": float(sums[0]) / n, "auxk_loss": float(sums[1]) / n, **_round(stats.result()),
-                 "dead_fraction": dead_fraction(since_fired, window), "lr": sched.get_last_lr()[0]}
+        entry = {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "tokens": state["tokens"],
+            "loss": float(sums[0]) / n,
+            "auxk_loss": float(sums[1]) / n,
+            **_round(stats.result()),
+            "dead_fraction": dead_fraction(since_fired, window),
+            "lr": sched.get_last_lr()[0],
+        }
         sums[:3] = 0
         epoch_stats.merge(stats)
         log_stats.reset()
@@ -183,8 +254,13 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
             if dist.enabled:  # before unscale_: every rank then sees the same gradients (and inf check)
                 fired, loss_v, aux_v, n_tokens, stopping = _all_reduce_step(dist, eng, x, z, loss, aux, stop)
             else:
-                fired, loss_v, aux_v, n_tokens, stopping = (z != 0).any(dim=0), loss.detach(), aux.detach(), \
-                    x.shape[0], None
+                fired, loss_v, aux_v, n_tokens, stopping = (
+                    (z != 0).any(dim=0),
+                    loss.detach(),
+                    aux.detach(),
+                    x.shape[0],
+                    None,
+                )
             scaler.unscale_(opt)
             eng.remove_parallel_gradient()
             if settings.grad_clip > 0:
@@ -204,8 +280,12 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
             if state["step"] % settings.log_every_steps == 0:
                 entry = log_line()
                 state["history"]["steps"].append(entry)
-                progress.set_postfix(fvu=f"{entry['fvu']:.3f}", l0=f"{entry['l0']:.1f}",
-                                     dead=f"{entry['dead_fraction']:.2f}", refresh=False)
+                progress.set_postfix(
+                    fvu=f"{entry['fvu']:.3f}",
+                    l0=f"{entry['l0']:.1f}",
+                    dead=f"{entry['dead_fraction']:.2f}",
+                    refresh=False,
+                )
                 if wandb_run is not None:
                     wandb_run.log(entry, step=state["step"])
             if state["step"] % settings.checkpoint_every_steps == 0:
@@ -214,14 +294,23 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
                 save_checkpoint()
                 progress.close()
                 dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has saved
-                raise StopRequested(f"stopped by {stop.signal_name or 'another rank'} at step {state['step']} of {total_steps}; "
-                                    f"checkpoint saved, rerun with --sae_run_id {sae_run_id} to continue")
+                raise StopRequested(
+                    f"stopped by {stop.signal_name or 'another rank'} at step {state['step']} of {total_steps}; "
+                    f"checkpoint saved, rerun with --sae_run_id {sae_run_id} to continue"
+                )
         if state["step"] % settings.log_every_steps:
             state["history"]["steps"].append(log_line())
         n_epoch_steps = max(state["step_in_epoch"], 1)
-        state["history"]["epochs"].append({"epoch": state["epoch"], "step": state["step"], "tokens": state["tokens"],
-                                           "loss": float(sums[3]) / n_epoch_steps, **_round(epoch_stats.result()),
-                                           "dead_fraction": dead_fraction(since_fired, window)})
+        state["history"]["epochs"].append(
+            {
+                "epoch": state["epoch"],
+                "step": state["step"],
+                "tokens": state["tokens"],
+                "loss": float(sums[3]) / n_epoch_steps,
+                **_round(epoch_stats.result()),
+                "dead_fraction": dead_fraction(since_fired, window),
+            }
+        )
         sums[3] = 0
         epoch_stats.reset()
         state["epoch"] += 1
@@ -242,32 +331,61 @@ def train_sae(settings: TrainSettings, run_id: str | None = None, sae_run_id: st
         wandb_run.finish()
 
     sae.save(MODEL_FILE.removesuffix(".pt"), out)
-    export_saelens(sae, out / "saelens", hook_name=layer, model_name=str(act_meta.get("model_id")),
-                   hook_layer=act_meta.get("layer_num"), extra={"sae_run_id": sae_run_id,
-                                                                "activation_run_id": run_id})
+    export_saelens(
+        sae,
+        out / "saelens",
+        hook_name=layer,
+        model_name=str(act_meta.get("model_id")),
+        hook_layer=act_meta.get("layer_num"),
+        extra={"sae_run_id": sae_run_id, "activation_run_id": run_id},
+    )
     atomic_write_json(out / "history.json", history)
     plot_training_curves(history, out / "training_curves.png", title=f"{sae_run_id} on {run_id}")
-    _write_meta(out, {
-        "status": "complete", "sae_run_id": sae_run_id, "activation_run_id": run_id,
-        "model_id": act_meta.get("model_id"), "layer_signature": layer, "hook_side": act_meta.get("hook_side"),
-        "d_in": d_in, "n_latents": n_latents, "k": settings.top_k, "architecture": settings.sae_architecture,
-        "settings": settings.model_dump(mode="json"), "dead_tokens_window_used": window, "k_aux": k_aux,
-        "total_steps": state["step"], "tokens_trained": state["tokens"], "n_train_tokens": loader.n_train,
-        "n_holdout_tokens": loader.n_holdout, "device": str(device), "processes": dist.world_size,
-        "elapsed_s": round(elapsed, 1),
-        "final_metrics": final, "files": {"model": MODEL_FILE, "saelens": "saelens/", "history": "history.json",
-                                          "curves": "training_curves.png"},
-        "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    _write_meta(
+        out,
+        {
+            "status": "complete",
+            "sae_run_id": sae_run_id,
+            "activation_run_id": run_id,
+            "model_id": act_meta.get("model_id"),
+            "layer_signature": layer,
+            "hook_side": act_meta.get("hook_side"),
+            "d_in": d_in,
+            "n_latents": n_latents,
+            "k": settings.top_k,
+            "architecture": settings.sae_architecture,
+            "settings": settings.model_dump(mode="json"),
+            "dead_tokens_window_used": window,
+            "k_aux": k_aux,
+            "total_steps": state["step"],
+            "tokens_trained": state["tokens"],
+            "n_train_tokens": loader.n_train,
+            "n_holdout_tokens": loader.n_holdout,
+            "device": str(device),
+            "processes": dist.world_size,
+            "elapsed_s": round(elapsed, 1),
+            "final_metrics": final,
+            "files": {
+                "model": MODEL_FILE,
+                "saelens": "saelens/",
+                "history": "history.json",
+                "curves": "training_curves.png",
+            },
+            "versions": _versions(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
     store.write_pointer(sae_run_id, SAE_RUN_ID_FILE)
     ckpt_path.unlink(missing_ok=True)
-    print(f"Trained SAE {sae_run_id}: {settings.sae_architecture} with {n_latents} latents (k={settings.top_k}) on "
-          f"layer {layer} of activation run {run_id}, {state['step']} steps over {settings.epochs} epochs "
-          f"({state['tokens']:,} tokens, {state['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed:.0f} s on "
-          f"{device}). Held-out ({loader.n_holdout:,} tokens): FVU {holdout['fvu']:.4f}, L0 {holdout['l0']:.1f}, "
-          f"never fired {holdout['never_fired_fraction']:.1%}; dead at the end (not fired in {window:,} tokens) "
-          f"{holdout['dead_fraction']:.1%}. Outputs in {out}: model.pt (mi_crow TopKSae.load), saelens/, "
-          f"history.json, meta.json, training_curves.png; {store.root / SAE_RUN_ID_FILE} updated.")
+    print(
+        f"Trained SAE {sae_run_id}: {settings.sae_architecture} with {n_latents} latents (k={settings.top_k}) on "
+        f"layer {layer} of activation run {run_id}, {state['step']} steps over {settings.epochs} epochs "
+        f"({state['tokens']:,} tokens, {state['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed:.0f} s on "
+        f"{device}). Held-out ({loader.n_holdout:,} tokens): FVU {holdout['fvu']:.4f}, L0 {holdout['l0']:.1f}, "
+        f"never fired {holdout['never_fired_fraction']:.1%}; dead at the end (not fired in {window:,} tokens) "
+        f"{holdout['dead_fraction']:.1%}. Outputs in {out}: model.pt (mi_crow TopKSae.load), saelens/, "
+        f"history.json, meta.json, training_curves.png; {store.root / SAE_RUN_ID_FILE} updated."
+    )
     dist.barrier()
     return out
 
@@ -282,8 +400,9 @@ def lr_factor(step: int, total: int, warmup_fraction: float, decay_fraction: flo
     return 1.0
 
 
-def auxk_loss(eng: BiasedTopKEngine, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
-              dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+def auxk_loss(
+    eng: BiasedTopKEngine, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: int
+) -> torch.Tensor:
     """Gao et al.'s AuxK on dead latents (module docstring); exactly 0 when nothing is dead."""
     n_dead = int(dead.sum())
     if n_dead == 0:
@@ -308,29 +427,49 @@ def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -
     return guess
 
 
-def _all_reduce_step(dist: Dist, eng: BiasedTopKEngine, x: torch.Tensor, z: torch.Tensor, loss: torch.Tensor,
-                     aux: torch.Tensor, stop: StopFlag) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
+def _all_reduce_step(
+    dist: Dist,
+    eng: BiasedTopKEngine,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    loss: torch.Tensor,
+    aux: torch.Tensor,
+    stop: StopFlag,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
     """One collective: gradients (token-weighted mean), latents fired anywhere, global loss and AuxK loss, the
     BatchTopK threshold (token-weighted mean), global token count and "any rank asked to stop"."""
     n = float(x.shape[0])
     params = [p for p in eng.parameters() if p.grad is not None]
-    scalars = torch.stack([loss.detach() * n, aux.detach() * n, eng.threshold.float() * n, loss.new_tensor(n),
-                           loss.new_tensor(float(stop.requested))])
+    scalars = torch.stack(
+        [
+            loss.detach() * n,
+            aux.detach() * n,
+            eng.threshold.float() * n,
+            loss.new_tensor(n),
+            loss.new_tensor(float(stop.requested)),
+        ]
+    )
     flat = torch.cat([p.grad.flatten() * n for p in params] + [(z != 0).sum(dim=0).float(), scalars.float()])
     dist.all_reduce(flat)
     total, stopping = flat[-2:].tolist()
     at = 0
     for p in params:
-        p.grad.copy_(flat[at: at + p.numel()].view_as(p) / total)
+        p.grad.copy_(flat[at : at + p.numel()].view_as(p) / total)
         at += p.numel()
     with torch.no_grad():
         eng.threshold.copy_(flat[-3] / total)
-    return flat[at: at + z.shape[1]] > 0, flat[-5] / total, flat[-4] / total, int(total), stopping > 0
+    return flat[at : at + z.shape[1]] > 0, flat[-5] / total, flat[-4] / total, int(total), stopping > 0
 
 
 @torch.no_grad()
-def evaluate_holdout(eng: BiasedTopKEngine, loader: TokenLoader, batch_size: int, device: torch.device,
-                     amp: torch.dtype | None, dist: Dist | None = None) -> dict[str, float]:
+def evaluate_holdout(
+    eng: BiasedTopKEngine,
+    loader: TokenLoader,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    dist: Dist | None = None,
+) -> dict[str, float]:
     """FVU, MSE, L0 and never-fired fraction on the held-out slice, in inference mode (BatchTopK: threshold);
     with several processes each rank measures its share of the shards and the statistics are merged."""
     eng.eval()
@@ -347,22 +486,30 @@ def evaluate_holdout(eng: BiasedTopKEngine, loader: TokenLoader, batch_size: int
 def _finished(out: Path, sae_run_id: str) -> bool:
     if not (out / META_FILE).is_file():
         if out.is_dir() and not (out / CHECKPOINT_FILE).is_file() and any(out.iterdir()):
-            raise PipelineError(f"--sae_run_id {sae_run_id!r}: {out} exists and is not a training run; "
-                                "choose another id")
+            raise PipelineError(
+                f"--sae_run_id {sae_run_id!r}: {out} exists and is not a training run; choose another id"
+            )
         return False
     meta = read_json(out / META_FILE)
     if meta.get("kind") != "sae":
-        raise PipelineError(f"--sae_run_id {sae_run_id!r}: {out} holds a run of kind {meta.get('kind')!r}, not an "
-                            "SAE training run; choose another id")
+        raise PipelineError(
+            f"--sae_run_id {sae_run_id!r}: {out} holds a run of kind {meta.get('kind')!r}, not an "
+            "SAE training run; choose another id"
+        )
     return meta.get("status") == "complete"
 
 
 def _check_same_config(saved: dict[str, Any], current: dict[str, Any], sae_run_id: str) -> None:
-    diffs = [f"{k.upper()}={current.get(k)!r} (checkpoint: {saved.get(k)!r})"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    diffs = [
+        f"{k.upper()}={current.get(k)!r} (checkpoint: {saved.get(k)!r})"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
     if diffs:
-        raise PipelineError(f"training run {sae_run_id!r} was started with other settings: {', '.join(diffs)}; "
-                            "rerun with the original settings, or choose a new --sae_run_id")
+        raise PipelineError(
+            f"training run {sae_run_id!r} was started with other settings: {', '.join(diffs)}; "
+            "rerun with the original settings, or choose a new --sae_run_id"
+        )
 
 
 def _write_meta(out: Path, meta: dict[str, Any]) -> None:
@@ -384,8 +531,17 @@ def _versions() -> dict[str, str]:
 def _progress(total_tokens: int, done: int, name: str, disable: bool = False):
     from tqdm import tqdm
 
-    return tqdm(total=total_tokens, initial=done, unit="tok", unit_scale=True, desc=f"train {name}", disable=disable,
-                file=sys.stderr, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    return tqdm(
+        total=total_tokens,
+        initial=done,
+        unit="tok",
+        unit_scale=True,
+        desc=f"train {name}",
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
 
 
 def _start_wandb(settings: TrainSettings, sae_run_id: str, config: dict[str, Any]):

@@ -28,9 +28,9 @@ counts, hence unequal steps, and the same rank/data pairing every epoch). The he
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -70,8 +70,18 @@ def split_shard(index: int, n_tokens: int, holdout_fraction: float) -> ShardSpli
 class TokenLoader:
     """Batches of training tokens (in the stored dtype, on the CPU) and the held-out slice of one run."""
 
-    def __init__(self, run: ActivationRun, layer_signature: str, d_model: int, batch_size: int,
-                 holdout_fraction: float, seed: int, buffer_tokens: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        run: ActivationRun,
+        layer_signature: str,
+        d_model: int,
+        batch_size: int,
+        holdout_fraction: float,
+        seed: int,
+        buffer_tokens: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not 0 < holdout_fraction <= 0.5:
             raise PipelineError(f"HOLDOUT_FRACTION={holdout_fraction} is not valid: use a value in (0, 0.5]")
         self.run, self.layer_signature, self.d_model = run, layer_signature, d_model
@@ -83,28 +93,36 @@ class TokenLoader:
         self.n_train = sum(s.n_train for s in self.shards)
         self.n_holdout = sum(s.n_holdout for s in self.shards)
         if self.n_train == 0 or self.n_holdout == 0:
-            raise PipelineError(f"activation run {run.run_id!r} has {self.n_train + self.n_holdout} tokens: too few "
-                                f"to split with HOLDOUT_FRACTION={holdout_fraction}; capture more (DATA_LIMIT)")
+            raise PipelineError(
+                f"activation run {run.run_id!r} has {self.n_train + self.n_holdout} tokens: too few "
+                f"to split with HOLDOUT_FRACTION={holdout_fraction}; capture more (DATA_LIMIT)"
+            )
         if batch_size % world_size:
-            raise PipelineError(f"BATCH_SIZE_TRAIN={batch_size} is the global batch and must be divisible by the "
-                                f"{world_size} training processes")
+            raise PipelineError(
+                f"BATCH_SIZE_TRAIN={batch_size} is the global batch and must be divisible by the "
+                f"{world_size} training processes"
+            )
         self.rank, self.world_size, self.local_batch = rank, world_size, batch_size // world_size
         full, rem = divmod(self.n_train, batch_size)
         last = rem if rem >= world_size else 0  # the last partial step needs a token per rank (else dropped)
         self.steps_per_epoch = full + (last > 0)  # = ceil(n_train / batch_size) with one process
         if self.steps_per_epoch == 0:
-            raise PipelineError(f"activation run {run.run_id!r} has {self.n_train} training tokens: fewer than the "
-                                f"{world_size} training processes")
+            raise PipelineError(
+                f"activation run {run.run_id!r} has {self.n_train} training tokens: fewer than the "
+                f"{world_size} training processes"
+            )
         sizes = [full * self.local_batch + last // world_size + (r < last % world_size) for r in range(world_size)]
-        self.token_range = (sum(sizes[:rank]), sum(sizes[:rank + 1]))  # of each epoch's shard order
+        self.token_range = (sum(sizes[:rank]), sum(sizes[: rank + 1]))  # of each epoch's shard order
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def read(self, shard: ShardSplit) -> torch.Tensor:
         """All tokens of one shard, checked against its manifest (a corrupted shard is named, never skipped)."""
         acts, _ = self.run.read_shard(shard.index, self.layer_signature)
         if acts.shape != (shard.n_tokens, self.d_model):
-            raise PipelineError(f"{self.run.shard_dir(shard.index)} holds activations of shape {tuple(acts.shape)}, "
-                                f"expected ({shard.n_tokens}, {self.d_model}); the run is corrupted")
+            raise PipelineError(
+                f"{self.run.shard_dir(shard.index)} holds activations of shape {tuple(acts.shape)}, "
+                f"expected ({shard.n_tokens}, {self.d_model}); the run is corrupted"
+            )
         return acts
 
     # -- training order --------------------------------------------------------------------------------------------
@@ -135,10 +153,10 @@ class TokenLoader:
         out: torch.Tensor | None = None
         start = 0
         for piece in group:
-            acts = self.read(piece.shard)[piece.start: piece.stop]
+            acts = self.read(piece.shard)[piece.start : piece.stop]
             if out is None:
                 out = torch.empty((n, self.d_model), dtype=acts.dtype)
-            out[positions[start: start + piece.n_train]] = acts
+            out[positions[start : start + piece.n_train]] = acts
             start += piece.n_train
         assert out is not None
         return out
@@ -191,7 +209,7 @@ class TokenLoader:
     # -- held-out slice --------------------------------------------------------------------------------------------
     def iter_holdout(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The held-out tokens in store order, in batches of at most ``batch_size`` (this rank's shards only)."""
-        for shard in self.shards[self.rank::self.world_size]:
+        for shard in self.shards[self.rank :: self.world_size]:
             if shard.n_holdout:
-                held = self.read(shard)[shard.n_train:]
+                held = self.read(shard)[shard.n_train :]
                 yield from held.split(batch_size)

@@ -24,10 +24,22 @@ def pipeline_env(tiny_model, tmp_path) -> dict[str, str]:
     for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
         env.pop(name, None)
     env.update(
-        MODEL_ID=str(tiny_model), HF_DATASET=str(SAMPLE), STORE_DIR=str(tmp_path / "store"), DEVICE="cpu",
-        DATA_LIMIT="120", MAX_LENGTH="32", BATCH_SIZE_SAVE="8", DOCS_PER_SHARD="40", LAYER_NUM="2",
-        EPOCHS="2", BATCH_SIZE_TRAIN="256", N_LATENTS_MULTIPLIER="2", TOP_K="4",
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+        MODEL_ID=str(tiny_model),
+        HF_DATASET=str(SAMPLE),
+        STORE_DIR=str(tmp_path / "store"),
+        DEVICE="cpu",
+        DATA_LIMIT="120",
+        MAX_LENGTH="32",
+        BATCH_SIZE_SAVE="8",
+        DOCS_PER_SHARD="40",
+        LAYER_NUM="2",
+        EPOCHS="2",
+        BATCH_SIZE_TRAIN="256",
+        N_LATENTS_MULTIPLIER="2",
+        TOP_K="4",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
     )
     return env
-

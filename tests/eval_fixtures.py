@@ -17,9 +17,18 @@ import torch
 
 from sae_pipeline.tiny_model import load_sample_texts
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--allow-file-access-from-files"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--allow-file-access-from-files",
+]
 
 
 def train_tiny_lm(src: Path, out: Path, steps: int = 150, seed: int = 0) -> Path:
@@ -54,6 +63,7 @@ def in_ci() -> bool:
 
 def find_or_install_chromium() -> str:
     """The Chromium binary; installs Debian's ``chromium`` when missing. Skips (fails in CI) when impossible."""
+
     def found() -> str | None:
         return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -85,8 +95,9 @@ def artifacts_dir(tmp_path_factory) -> Path:
 
 
 def run_chromium(binary: str, profile: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def console_errors(stderr: str) -> list[str]:

@@ -12,5 +12,6 @@ SAMPLE = REPO / "data" / "polish_sample.jsonl"
 
 def run_script(script: str, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a top-level script exactly as a user would, in the repo root."""
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

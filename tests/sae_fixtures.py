@@ -26,9 +26,16 @@ def synthetic_tokens(n: int, d: int, seed: int = 0, n_features: int = 96, active
     return x
 
 
-def make_run(store_dir: Path, run_id: str = "acts", shard_sizes=(700, 500, 900, 400), d: int = 32,
-             dtype: torch.dtype = torch.float32, tokens: torch.Tensor | None = None, seed: int = 0,
-             write_pointer: bool = True) -> ActivationRun:
+def make_run(
+    store_dir: Path,
+    run_id: str = "acts",
+    shard_sizes=(700, 500, 900, 400),
+    d: int = 32,
+    dtype: torch.dtype = torch.float32,
+    tokens: torch.Tensor | None = None,
+    seed: int = 0,
+    write_pointer: bool = True,
+) -> ActivationRun:
     """A complete activation run; ``tokens`` (default synthetic) is split into shards of ``shard_sizes``."""
     store = Store(Path(store_dir))
     run = ActivationRun(store, run_id)
@@ -39,18 +46,32 @@ def make_run(store_dir: Path, run_id: str = "acts", shard_sizes=(700, 500, 900, 
     assert tokens.shape == (total, d)
     start = 0
     for i, n in enumerate(shard_sizes):
-        acts = tokens[start:start + n].to(dtype)
-        prov = torch.stack([torch.arange(start, start + n) // 16, torch.arange(n) % 16,
-                            torch.full((n,), 7)], dim=1).to(torch.int32)
+        acts = tokens[start : start + n].to(dtype)
+        prov = torch.stack([torch.arange(start, start + n) // 16, torch.arange(n) % 16, torch.full((n,), 7)], dim=1).to(
+            torch.int32
+        )
         run.write_shard(i, LAYER, acts, prov, {"n_tokens": n, "n_documents": n // 16 + 1})
         start += n
-    run.write_meta({
-        "kind": "activations", "status": "complete", "run_id": run_id, "model_id": "tiny/test-model",
-        "layer_signature": LAYER, "hook_side": "output", "d_model": d,
-        "store_dtype": str(dtype).removeprefix("torch."), "n_tokens": total, "n_shards": len(shard_sizes),
-        "n_documents": total // 16, "dataset": {"name": "synthetic"}, "max_length": 16, "seed": seed,
-        "versions": {}, "layer_num": 1,
-    })
+    run.write_meta(
+        {
+            "kind": "activations",
+            "status": "complete",
+            "run_id": run_id,
+            "model_id": "tiny/test-model",
+            "layer_signature": LAYER,
+            "hook_side": "output",
+            "d_model": d,
+            "store_dtype": str(dtype).removeprefix("torch."),
+            "n_tokens": total,
+            "n_shards": len(shard_sizes),
+            "n_documents": total // 16,
+            "dataset": {"name": "synthetic"},
+            "max_length": 16,
+            "seed": seed,
+            "versions": {},
+            "layer_num": 1,
+        }
+    )
     if write_pointer:
         store.write_pointer(run_id)
     return run

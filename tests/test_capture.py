@@ -17,9 +17,18 @@ SIG = f"llamaforcausallm_model_layers_{LAYER}_post_attention_layernorm"
 
 
 def settings(tiny_model, store_dir, **over) -> CaptureSettings:
-    base = dict(model_id=str(tiny_model), hf_dataset=str(SAMPLE), store_dir=store_dir, device="cpu",
-                data_limit=60, max_length=32, batch_size_save=7, docs_per_shard=25, layer_num=LAYER,
-                store_dtype="float32")
+    base = dict(
+        model_id=str(tiny_model),
+        hf_dataset=str(SAMPLE),
+        store_dir=store_dir,
+        device="cpu",
+        data_limit=60,
+        max_length=32,
+        batch_size_save=7,
+        docs_per_shard=25,
+        layer_num=LAYER,
+        store_dtype="float32",
+    )
     return CaptureSettings(**{**base, **over})
 
 

@@ -100,6 +100,7 @@ def test_relative_and_home_paths(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- shuffle
 
+
 def test_shuffle_is_seeded_and_differs_from_the_plain_order(tmp_path):
     path = str(_write(tmp_path / "c.jsonl", "jsonl", _rows()))
     plain = load_texts(path, "train", "text", 10, shuffle=False, seed=1)["text"]
@@ -115,8 +116,10 @@ def test_shuffle_is_seeded_and_differs_from_the_plain_order(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("name", ["/no/such/dir/corpus.jsonl", "./missing.csv", "missing.parquet", "~/nope.txt",
-                                  "../nowhere/data"])
+
+@pytest.mark.parametrize(
+    "name", ["/no/such/dir/corpus.jsonl", "./missing.csv", "missing.parquet", "~/nope.txt", "../nowhere/data"]
+)
 def test_missing_path_names_hf_dataset(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError) as info:
@@ -154,8 +157,16 @@ def test_unsupported_suffix(tmp_path):
         load_texts(str(path), "train", "text", 5, False, 0)
 
 
-@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("empty.json", ""), ("empty.csv", ""),
-                                           ("empty.txt", ""), ("broken.jsonl", '{"text": "a"}\n{broken\n')])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.jsonl", ""),
+        ("empty.json", ""),
+        ("empty.csv", ""),
+        ("empty.txt", ""),
+        ("broken.jsonl", '{"text": "a"}\n{broken\n'),
+    ],
+)
 def test_empty_or_malformed_file_is_one_line_naming_hf_dataset(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)
@@ -164,8 +175,19 @@ def test_empty_or_malformed_file_is_one_line_naming_hf_dataset(tmp_path, name, c
     assert str(info.value).startswith(f"HF_DATASET={str(path)!r}") and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name, is_path", [("/abs/x", True), ("./x", True), ("../x", True), ("~/x", True),
-                                           ("x.jsonl", True), ("x.CSV", True), ("org/name", False),
-                                           ("roneneldan/TinyStories", False), ("name", False)])
+@pytest.mark.parametrize(
+    "name, is_path",
+    [
+        ("/abs/x", True),
+        ("./x", True),
+        ("../x", True),
+        ("~/x", True),
+        ("x.jsonl", True),
+        ("x.CSV", True),
+        ("org/name", False),
+        ("roneneldan/TinyStories", False),
+        ("name", False),
+    ],
+)
 def test_looks_like_path(name, is_path):
     assert looks_like_path(name) is is_path

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from sae_pipeline.evaluate import CONDITIONS, downstream, make_batches, make_splice
-from sae_pipeline.metrics import ce_loss_recovered
-from sae_pipeline.metrics import ReconstructionStats
+from sae_pipeline.metrics import ReconstructionStats, ce_loss_recovered
 from sae_pipeline.model import load_language_model
 from sae_pipeline.sae import PipelineSae
 from sae_pipeline.tiny_model import load_sample_texts
@@ -67,8 +66,9 @@ def test_identity_sae_leaves_the_loss_unchanged(lm, texts, side):
 
 
 def test_zero_ablation_raises_the_loss_of_a_trained_model(lm, texts):
-    res = run(lm, identity_sae(64).sae_engine.eval(), make_batches(lm.tokenizer, texts, 32, 8, False),
-              mean=torch.zeros(64))
+    res = run(
+        lm, identity_sae(64).sae_engine.eval(), make_batches(lm.tokenizer, texts, 32, 8, False), mean=torch.zeros(64)
+    )
     assert res.ce["zero"] > res.ce["clean"] + 0.05
     assert res.kl["zero"] > 0.01
     m = res.metrics()
@@ -102,8 +102,9 @@ def test_splice_matches_a_plain_torch_hook(lm, texts, side):
         with torch.inference_mode():
             for b in batches:
                 state["keep"] = b.keep
-                logits = lm.model(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions,
-                                  use_cache=False).logits
+                logits = lm.model(
+                    input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions, use_cache=False
+                ).logits
                 valid = (b.mask[:, :-1] & b.mask[:, 1:]).bool()
                 lp = logits[:, :-1][valid].log_softmax(-1)
                 total -= float(lp.gather(1, b.ids[:, 1:][valid][:, None]).sum())
@@ -159,8 +160,16 @@ def test_ce_loss_recovered_formula():
 def _act_meta(limit: int, shuffle: bool = False) -> dict:
     from tests.helpers import SAMPLE
 
-    return {"dataset": {"name": str(SAMPLE), "split": "train", "text_field": "text", "limit": limit,
-                        "shuffle": shuffle, "shuffle_seed": 7 if shuffle else None}}
+    return {
+        "dataset": {
+            "name": str(SAMPLE),
+            "split": "train",
+            "text_field": "text",
+            "limit": limit,
+            "shuffle": shuffle,
+            "shuffle_seed": 7 if shuffle else None,
+        }
+    }
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

@@ -23,8 +23,9 @@ def _sae(architecture="topk", d=20, n=80, k=6):
 
 def test_export_reconstructs_like_the_model(tmp_path):
     sae = _sae()
-    folder = export_saelens(sae, tmp_path / "saelens", hook_name="hook.x", model_name="speakleash/Bielik",
-                            hook_layer=16)
+    folder = export_saelens(
+        sae, tmp_path / "saelens", hook_name="hook.x", model_name="speakleash/Bielik", hook_layer=16
+    )
     cfg, w = load_saelens(folder)
     assert w["W_enc"].shape == (20, 80) and w["b_enc"].shape == (80,)
     assert w["W_dec"].shape == (80, 20) and w["b_dec"].shape == (20,)

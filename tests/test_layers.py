@@ -23,8 +23,9 @@ def gpt2_model(tiny_model, tmp_path_factory) -> Path:
     """A non-Llama model: tiny random GPT-2 (no post_attention_layernorm), with the tiny model's tokenizer."""
     out = tmp_path_factory.mktemp("tiny_gpt2")
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128,
-                        bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=128, bos_token_id=1, eos_token_id=2
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         GPT2LMHeadModel(config).save_pretrained(out)
@@ -43,6 +44,7 @@ def gpt2_names(gpt2_model) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- names
+
 
 def test_meta_model_has_no_weights(tiny_model):
     model = meta_model(AutoConfig.from_pretrained(tiny_model))
@@ -74,6 +76,7 @@ def test_meta_names_match_the_loaded_language_model(which, tiny_model, gpt2_mode
 
 
 # ---------------------------------------------------------------------------------------------------- resolve
+
 
 @pytest.mark.parametrize("num", [0, 1, 2, 3])
 def test_layer_num_in_range(llama_names, num):
@@ -144,7 +147,8 @@ def test_config_sizes(tiny_model, gpt2_model):
     assert (num_layers(load_config(str(gpt2_model))), hidden_size(load_config(str(gpt2_model)))) == (2, 32)
 
 
-# ---------------------------------------------------------------------------------------------------- discover_layers.py
+# ------------------------------------------------------------------------------------------------ discover_layers.py
+
 
 def _discover(env, model: Path, *args: str):
     env = {**env, "MODEL_ID": str(model)}

@@ -12,7 +12,13 @@ from sae_pipeline import model as model_mod
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.layers import layer_names, meta_model
 from sae_pipeline.model import (
-    check_model_id, ensure_pad_token, hidden_size, load_config, load_language_model, num_layers, resolve_device,
+    check_model_id,
+    ensure_pad_token,
+    hidden_size,
+    load_config,
+    load_language_model,
+    num_layers,
+    resolve_device,
     resolve_dtype,
 )
 
@@ -25,6 +31,7 @@ def no_cuda(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- device
+
 
 @pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:1"])
 def test_cuda_without_cuda_names_device(no_cuda, name):
@@ -58,14 +65,16 @@ def test_cpu_and_missing_mps(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- dtype
 
+
 def _config(dtype=None) -> LlamaConfig:
     cfg = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     cfg.dtype = dtype
     return cfg
 
 
-@pytest.mark.parametrize("setting, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
-                                                ("float32", torch.float32)])
+@pytest.mark.parametrize(
+    "setting, expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)]
+)
 def test_explicit_dtype_wins(setting, expected):
     for device in (torch.device("cpu"), torch.device("cuda")):
         assert resolve_dtype(setting, device, _config(torch.bfloat16)) is expected
@@ -75,17 +84,27 @@ def test_auto_is_float32_on_cpu():
     assert resolve_dtype("auto", torch.device("cpu"), _config(torch.bfloat16)) is torch.float32
 
 
-@pytest.mark.parametrize("stored, expected", [(torch.bfloat16, torch.bfloat16), ("bfloat16", torch.bfloat16),
-                                              ("float16", torch.float16), (None, torch.float32),
-                                              ("int8", torch.float32)])
+@pytest.mark.parametrize(
+    "stored, expected",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+        (None, torch.float32),
+        ("int8", torch.float32),
+    ],
+)
 def test_auto_on_gpu_is_the_checkpoint_dtype(stored, expected):
     assert resolve_dtype("auto", torch.device("cuda", 0), _config(stored)) is expected
 
 
 # ---------------------------------------------------------------------------------------------------- MODEL_ID
 
-@pytest.mark.parametrize("model_id", ["/no/such/model", "./missing/model/dir", "../x/y/z", "bad id with spaces",
-                                      "org/name/extra", "a--b/c", "org/"])
+
+@pytest.mark.parametrize(
+    "model_id",
+    ["/no/such/model", "./missing/model/dir", "../x/y/z", "bad id with spaces", "org/name/extra", "a--b/c", "org/"],
+)
 def test_model_id_neither_dir_nor_hub_id(model_id):
     with pytest.raises(PipelineError) as info:
         check_model_id(model_id)
@@ -121,6 +140,7 @@ def test_sizes_of_other_config_spellings():
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+
 
 def test_load_language_model_on_cpu(tiny_model, tmp_path):
     lm = load_language_model(str(tiny_model), tmp_path / "store", torch.device("cpu"), torch.float32)

@@ -8,8 +8,12 @@ from sae_pipeline.settings import CaptureSettings, CommonSettings, EvalSettings,
 from tests.helpers import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
-FIELDS = {**CommonSettings.model_fields, **CaptureSettings.model_fields, **TrainSettings.model_fields,
-          **EvalSettings.model_fields}
+FIELDS = {
+    **CommonSettings.model_fields,
+    **CaptureSettings.model_fields,
+    **TrainSettings.model_fields,
+    **EvalSettings.model_fields,
+}
 
 
 def documented_default(field) -> str:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import html
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from sae_pipeline.plots import plot_firing_frequency
-from sae_pipeline.report import ContextSource, LatentScan, browser_data, render_html, \
-    write_browser
-from tests.eval_fixtures import chromium, console_errors, artifacts_dir, run_chromium  # noqa: F401  (fixture)
+from sae_pipeline.report import ContextSource, LatentScan, browser_data, render_html, write_browser
+from tests.eval_fixtures import artifacts_dir, chromium, console_errors, run_chromium  # noqa: F401  (fixture)
 
 POLISH = "Zażółć gęślą jaźń. Źdźbło trawy </script><b>nie</b> & ćma"
 
@@ -80,8 +78,11 @@ def fake_browser(tok, n_latents=20, detail=6):
     scan.tok.copy_(torch.where(scan.doc >= 0, torch.tensor(prov_ids)[scan.pos.clamp(0, len(prov_ids) - 1)], -1))
     src = ContextSource(None, {"max_length": 16}, tok, texts=texts)
     promoted = {0: {"promoted": [["ż", 1.5], ["</script>", 1.0]], "suppressed": [["ą", -1.0]]}}
-    summary = {"sae_run_id": "sae_test", "downstream": {"ce_clean": 1.0, "ce_sae": 1.2, "ce_loss_recovered": None},
-               "reconstruction": {"fvu": 0.3, "never_fired_fraction": 0.1}}
+    summary = {
+        "sae_run_id": "sae_test",
+        "downstream": {"ce_clean": 1.0, "ce_sae": 1.2, "ce_loss_recovered": None},
+        "reconstruction": {"fvu": 0.3, "never_fired_fraction": 0.1},
+    }
     return browser_data(scan, src, promoted, detail, summary)
 
 
@@ -104,8 +105,9 @@ def test_the_page_renders_in_chromium(tiny_model, chromium, tmp_path, tmp_path_f
     """The real browser runs the page's script: every latent listed, cards drawn, Polish shown, no console error."""
     data = fake_browser(AutoTokenizer.from_pretrained(tiny_model))
     html_path, _ = write_browser(data, tmp_path)
-    res = run_chromium(chromium, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom",
-                       html_path.as_uri())
+    res = run_chromium(
+        chromium, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom", html_path.as_uri()
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     dom = res.stdout
     assert len(re.findall(r'<tr class="latent-row" data-latent="\d+"', dom)) == 20
@@ -120,10 +122,10 @@ def test_the_page_renders_in_chromium(tiny_model, chromium, tmp_path, tmp_path_f
     # the check above can fail: the same page with a broken script is caught
     broken = tmp_path / "broken.html"
     broken.write_text(html_path.read_text(encoding="utf-8").replace("renderCards();", "renderCardz();"), "utf-8")
-    bad = run_chromium(chromium, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom",
-                       broken.as_uri())
+    bad = run_chromium(
+        chromium, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom", broken.as_uri()
+    )
     assert console_errors(bad.stderr), bad.stderr[-2000:]
     shot = artifacts_dir(tmp_path_factory) / "feature_browser_synthetic.png"
-    run_chromium(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000",
-                 html_path.as_uri())
+    run_chromium(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", html_path.as_uri())
     assert shot.is_file() and shot.stat().st_size > 10_000

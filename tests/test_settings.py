@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
@@ -86,9 +87,24 @@ def test_store_dir_goes_under_scratch_when_set(clean_env, tmp_path):
 
 
 def test_every_seed_variable_exists():
-    seed_vars = {"MODEL_ID", "STORE_DIR", "DEVICE", "HF_DATASET", "DATA_SPLIT", "TEXT_FIELD", "DATA_LIMIT",
-                 "MAX_LENGTH", "BATCH_SIZE_SAVE", "LAYER_NUM", "N_LATENTS_MULTIPLIER", "TOP_K", "EPOCHS",
-                 "BATCH_SIZE_TRAIN", "LR", "L1_LAMBDA"}
+    seed_vars = {
+        "MODEL_ID",
+        "STORE_DIR",
+        "DEVICE",
+        "HF_DATASET",
+        "DATA_SPLIT",
+        "TEXT_FIELD",
+        "DATA_LIMIT",
+        "MAX_LENGTH",
+        "BATCH_SIZE_SAVE",
+        "LAYER_NUM",
+        "N_LATENTS_MULTIPLIER",
+        "TOP_K",
+        "EPOCHS",
+        "BATCH_SIZE_TRAIN",
+        "LR",
+        "L1_LAMBDA",
+    }
     have = {n.upper() for n in _fields(CaptureSettings, TrainSettings)}
     assert seed_vars <= have, seed_vars - have
     # beyond the seed, as issue 2 asks
@@ -96,29 +112,57 @@ def test_every_seed_variable_exists():
     # the variables every step shares are defined once, in CommonSettings
     for name in ("model_id", "store_dir", "device", "layer_num", "layer_signature", "seed"):
         assert name in CommonSettings.model_fields
-        assert CaptureSettings.model_fields[name] is CommonSettings.model_fields[name] or \
-            CaptureSettings.model_fields[name].default == CommonSettings.model_fields[name].default
+        assert (
+            CaptureSettings.model_fields[name] is CommonSettings.model_fields[name]
+            or CaptureSettings.model_fields[name].default == CommonSettings.model_fields[name].default
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- overrides
 
+
 def test_env_overrides_capture(clean_env, tmp_path):
-    env = {"MODEL_ID": "org/other", "STORE_DIR": str(tmp_path / "s"), "DEVICE": "cpu", "HF_DATASET": "a/b",
-           "DATA_SPLIT": "validation", "TEXT_FIELD": "body", "DATA_LIMIT": "7", "MAX_LENGTH": "64",
-           "BATCH_SIZE_SAVE": "3", "LAYER_NUM": "0", "LAYER_SIGNATURE": "x_y", "SEED": "5",
-           "STORE_DTYPE": "float32", "DATA_SHUFFLE": "true"}
+    env = {
+        "MODEL_ID": "org/other",
+        "STORE_DIR": str(tmp_path / "s"),
+        "DEVICE": "cpu",
+        "HF_DATASET": "a/b",
+        "DATA_SPLIT": "validation",
+        "TEXT_FIELD": "body",
+        "DATA_LIMIT": "7",
+        "MAX_LENGTH": "64",
+        "BATCH_SIZE_SAVE": "3",
+        "LAYER_NUM": "0",
+        "LAYER_SIGNATURE": "x_y",
+        "SEED": "5",
+        "STORE_DTYPE": "float32",
+        "DATA_SHUFFLE": "true",
+    }
     for k, v in env.items():
         clean_env.setenv(k, v)
     s = load_settings(CaptureSettings)
-    assert (s.model_id, s.store_dir, s.device, s.hf_dataset, s.data_split, s.text_field) == \
-        ("org/other", tmp_path / "s", "cpu", "a/b", "validation", "body")
+    assert (s.model_id, s.store_dir, s.device, s.hf_dataset, s.data_split, s.text_field) == (
+        "org/other",
+        tmp_path / "s",
+        "cpu",
+        "a/b",
+        "validation",
+        "body",
+    )
     assert (s.data_limit, s.max_length, s.batch_size_save, s.layer_num, s.seed) == (7, 64, 3, 0, 5)
     assert (s.layer_signature, s.store_dtype, s.data_shuffle) == ("x_y", "float32", True)
 
 
 def test_env_overrides_train(clean_env):
-    env = {"N_LATENTS_MULTIPLIER": "8", "TOP_K": "32", "EPOCHS": "3", "BATCH_SIZE_TRAIN": "64", "LR": "5e-4",
-           "L1_LAMBDA": "0", "DEVICE": "cuda:1"}
+    env = {
+        "N_LATENTS_MULTIPLIER": "8",
+        "TOP_K": "32",
+        "EPOCHS": "3",
+        "BATCH_SIZE_TRAIN": "64",
+        "LR": "5e-4",
+        "L1_LAMBDA": "0",
+        "DEVICE": "cuda:1",
+    }
     for k, v in env.items():
         clean_env.setenv(k, v)
     s = load_settings(TrainSettings)
@@ -128,13 +172,21 @@ def test_env_overrides_train(clean_env):
 
 def test_settings_are_frozen(clean_env):
     s = load_settings(TrainSettings)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.top_k = 3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("cls, name", [(CaptureSettings, "DATA_LIMIT"), (TrainSettings, "TOP_K"),
-                                       (CaptureSettings, "MODEL_ID"), (CaptureSettings, "LAYER_SIGNATURE"),
-                                       (TrainSettings, "LR"), (CaptureSettings, "DEVICE")])
+@pytest.mark.parametrize(
+    "cls, name",
+    [
+        (CaptureSettings, "DATA_LIMIT"),
+        (TrainSettings, "TOP_K"),
+        (CaptureSettings, "MODEL_ID"),
+        (CaptureSettings, "LAYER_SIGNATURE"),
+        (TrainSettings, "LR"),
+        (CaptureSettings, "DEVICE"),
+    ],
+)
 def test_empty_variable_means_default(clean_env, cls, name):
     default = getattr(load_settings(cls), name.lower())
     clean_env.setenv(name, "")
@@ -207,17 +259,21 @@ def test_train_variables_do_not_break_capture(clean_env):
 
 # ---------------------------------------------------------------------------------------------------- arrays
 
+
 def test_no_array_means_whole_dataset(clean_env):
     s = load_settings(CaptureSettings)
     assert s.capture_task_id is None and s.capture_task_count is None
 
 
-@pytest.mark.parametrize("task, lo, hi, expected", [
-    ("0", "0", "3", (0, 4)),
-    ("3", "0", "3", (3, 4)),
-    ("5", "3", "6", (2, 4)),
-    ("7", "7", "7", (0, 1)),
-])
+@pytest.mark.parametrize(
+    "task, lo, hi, expected",
+    [
+        ("0", "0", "3", (0, 4)),
+        ("3", "0", "3", (3, 4)),
+        ("5", "3", "6", (2, 4)),
+        ("7", "7", "7", (0, 1)),
+    ],
+)
 def test_array_task_from_slurm(clean_env, task, lo, hi, expected):
     clean_env.setenv("SLURM_ARRAY_TASK_ID", task)
     clean_env.setenv("SLURM_ARRAY_TASK_MIN", lo)

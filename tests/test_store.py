@@ -12,8 +12,19 @@ import torch
 import sae_pipeline.store as store_mod
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.store import (
-    META_FILE, RUN_ID_FILE, SAE_RUN_ID_FILE, ActivationRun, Store, atomic_save_tensors, atomic_write_json,
-    atomic_write_text, load_tensors, new_run_id, open_complete_run, read_json, validate_run_id,
+    META_FILE,
+    RUN_ID_FILE,
+    SAE_RUN_ID_FILE,
+    ActivationRun,
+    Store,
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    new_run_id,
+    open_complete_run,
+    read_json,
+    validate_run_id,
 )
 
 LAYER = "llamaforcausallm_model_layers_2_post_attention_layernorm"
@@ -34,8 +45,16 @@ def _shard_tensors(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def _write_run(store: Store, run_id: str, shard_sizes=(5, 7, 3), complete: bool = True) -> ActivationRun:
     """A small activation run written through the store's own API, as capture writes it."""
     run = ActivationRun(store, run_id)
-    run.write_meta({"kind": "activations", "status": "capturing", "run_id": run_id, "layer_signature": LAYER,
-                    "d_model": D, "n_shards": len(shard_sizes)})
+    run.write_meta(
+        {
+            "kind": "activations",
+            "status": "capturing",
+            "run_id": run_id,
+            "layer_signature": LAYER,
+            "d_model": D,
+            "n_shards": len(shard_sizes),
+        }
+    )
     for i, n in enumerate(shard_sizes):
         acts, prov = _shard_tensors(n, seed=i)
         run.write_shard(i, LAYER, acts, prov, {"index": i, "n_tokens": n, "n_empty": 0})
@@ -49,8 +68,11 @@ def _write_run(store: Store, run_id: str, shard_sizes=(5, 7, 3), complete: bool 
 
 # ---------------------------------------------------------------------------------------------------- run ids
 
-@pytest.mark.parametrize("bad", ["../escape", "a/b", ".", "..", "", "x" * 129, "/abs", "..\\x", ".hidden",
-                                 "-dash", "a b", "a\nb", "ok/../..", "ü"])
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../escape", "a/b", ".", "..", "", "x" * 129, "/abs", "..\\x", ".hidden", "-dash", "a b", "a\nb", "ok/../..", "ü"],
+)
 def test_bad_run_ids_are_rejected(bad):
     with pytest.raises(PipelineError) as info:
         validate_run_id(bad)
@@ -82,6 +104,7 @@ def test_new_run_ids_are_valid_and_unique():
 
 
 # ---------------------------------------------------------------------------------------------------- atomic files
+
 
 def test_atomic_writes_leave_no_temporaries(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "hello\n")
@@ -119,6 +142,7 @@ def test_read_json_errors_name_the_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- pointers
+
 
 def test_pointer_round_trip(tmp_path):
     store = Store(tmp_path)
@@ -158,6 +182,7 @@ def test_pointer_with_invalid_id_names_the_file(tmp_path, content):
 
 
 # ---------------------------------------------------------------------------------------------------- shards
+
 
 def test_shard_round_trip(tmp_path):
     store = Store(tmp_path)
@@ -235,8 +260,9 @@ def test_corrupted_shard_names_the_file(tmp_path, damage):
     run = _write_run(Store(tmp_path), "r", shard_sizes=(16,))
     path = run.shard_dir(0) / LAYER / "activations.safetensors"
     data = path.read_bytes()
-    path.write_bytes({"garbage": b"\x00\xffnot a safetensors file" * 10, "truncated": data[: len(data) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"\x00\xffnot a safetensors file" * 10, "truncated": data[: len(data) // 2], "empty": b""}[damage]
+    )
     with pytest.raises(PipelineError) as info:
         run.read_shard(0, LAYER)
     assert str(path) in str(info.value) and "corrupted" in str(info.value)
@@ -262,6 +288,7 @@ def test_shard_with_mismatched_shapes_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- mi_crow
 
+
 def test_mi_crow_store_dataloader_reads_our_run(tmp_path):
     from mi_crow.store.local_store import LocalStore
     from mi_crow.store.store_dataloader import StoreDataloader
@@ -281,6 +308,7 @@ def test_mi_crow_store_dataloader_reads_our_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- writability
+
 
 def test_ensure_writable_creates_runs(tmp_path):
     store = Store(tmp_path / "new" / "store")
@@ -322,6 +350,7 @@ def test_ensure_writable_on_a_read_only_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- complete runs
+
 
 def test_open_complete_run(tmp_path):
     store = Store(tmp_path)

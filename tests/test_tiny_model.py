@@ -5,7 +5,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-
 from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
 
 

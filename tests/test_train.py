@@ -20,8 +20,16 @@ from sae_pipeline.train import auxk_loss, geometric_median, lr_factor, train_sae
 from tests.helpers import REPO
 from tests.sae_fixtures import LAYER, make_run
 
-SMALL = dict(batch_size_train=128, epochs=3, lr=2e-3, top_k=4, n_latents_multiplier=4, log_every_steps=5,
-             checkpoint_every_steps=20, device="cpu")
+SMALL = dict(
+    batch_size_train=128,
+    epochs=3,
+    lr=2e-3,
+    top_k=4,
+    n_latents_multiplier=4,
+    log_every_steps=5,
+    checkpoint_every_steps=20,
+    device="cpu",
+)
 
 
 def _settings(store, **kw):
@@ -65,8 +73,9 @@ def test_auxk_matches_gao_definition_without_decoder_bias():
     small = auxk_loss(eng, pre, x, x_hat, few, k_aux=8)
     top2 = pre[:, :2].topk(2, dim=-1)
     e_hat2 = torch.zeros(32, 2).scatter(-1, top2.indices, torch.relu(top2.values)) @ eng.W_dec[:2]
-    assert float(small) == pytest.approx(float((e - e_hat2).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * 2 / 8),
-                                         rel=1e-5)
+    assert float(small) == pytest.approx(
+        float((e - e_hat2).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * 2 / 8), rel=1e-5
+    )
     # the gradient reaches only the dead latents' encoder rows
     loss.backward()
     grad_rows = eng.W_enc.grad.abs().sum(1)
@@ -161,6 +170,7 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
 
     class StopAt(StopFlag):
         """Requests a stop once the trainer has asked ``requested`` n times (once per step)."""
+
         def __init__(self, n):
             super().__init__()
             self.n = n
@@ -184,17 +194,28 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     assert meta["total_steps"] == ref_meta["total_steps"]
     for split in ("train", "holdout"):
         for key in ("fvu", "mse", "l0"):
-            assert meta["final_metrics"][split][key] == pytest.approx(ref_meta["final_metrics"][split][key],
-                                                                       rel=1e-3, abs=1e-4)
+            assert meta["final_metrics"][split][key] == pytest.approx(
+                ref_meta["final_metrics"][split][key], rel=1e-3, abs=1e-4
+            )
 
 
 def test_sigkill_mid_training_then_rerun_resumes(tmp_path):
     """The real script as a subprocess: killed with SIGKILL after a checkpoint, rerun with the same id."""
     make_run(tmp_path, shard_sizes=(3000, 2500, 3500))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "WANDB_", "RUN_ID"))}
-    env.update(STORE_DIR=str(tmp_path), DEVICE="cpu", EPOCHS="8", BATCH_SIZE_TRAIN="64", TOP_K="4", LR="2e-3",
-               N_LATENTS_MULTIPLIER="4", CHECKPOINT_EVERY_STEPS="150", LOG_EVERY_STEPS="50",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(
+        STORE_DIR=str(tmp_path),
+        DEVICE="cpu",
+        EPOCHS="8",
+        BATCH_SIZE_TRAIN="64",
+        TOP_K="4",
+        LR="2e-3",
+        N_LATENTS_MULTIPLIER="4",
+        CHECKPOINT_EVERY_STEPS="150",
+        LOG_EVERY_STEPS="50",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     cmd = [sys.executable, str(REPO / "02_train_sae.py"), "--sae_run_id", "killed"]
     ckpt = tmp_path / "runs" / "killed" / "checkpoint.pt"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -219,10 +240,14 @@ def test_sigkill_mid_training_then_rerun_resumes(tmp_path):
     assert (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "killed"
 
     # the same settings without a kill (in-process, to save a second interpreter start) give the same result
-    ref_out = train_sae(_settings(tmp_path, epochs=8, batch_size_train=64, checkpoint_every_steps=150,
-                                  log_every_steps=50), None, "clean")
+    ref_out = train_sae(
+        _settings(tmp_path, epochs=8, batch_size_train=64, checkpoint_every_steps=150, log_every_steps=50),
+        None,
+        "clean",
+    )
     ref = json.loads((ref_out / "meta.json").read_text())
     assert ref["total_steps"] == meta["total_steps"]
     for key in ("fvu", "l0"):
-        assert meta["final_metrics"]["holdout"][key] == pytest.approx(ref["final_metrics"]["holdout"][key],
-                                                                       rel=1e-2, abs=1e-3)
+        assert meta["final_metrics"]["holdout"][key] == pytest.approx(
+            ref["final_metrics"]["holdout"][key], rel=1e-2, abs=1e-3
+        )

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from tests.sae_fixtures import LAYER, make_run
 from sae_pipeline.errors import PipelineError
-from sae_pipeline.store import ActivationRun, Store
 from sae_pipeline.train_data import TokenLoader
+from tests.sae_fixtures import LAYER, make_run
 
 SIZES = (700, 500, 900, 400, 300)
 

@@ -24,22 +24,41 @@ from tests.helpers import REPO
 from tests.sae_fixtures import make_run
 
 SHARDS = (1500, 1000, 1200, 900, 1100, 1300)
-SETTINGS = dict(DEVICE="cpu", EPOCHS="4", BATCH_SIZE_TRAIN="128", TOP_K="4", LR="2e-3", N_LATENTS_MULTIPLIER="4",
-                LOG_EVERY_STEPS="10", CHECKPOINT_EVERY_STEPS="40")
+SETTINGS = dict(
+    DEVICE="cpu",
+    EPOCHS="4",
+    BATCH_SIZE_TRAIN="128",
+    TOP_K="4",
+    LR="2e-3",
+    N_LATENTS_MULTIPLIER="4",
+    LOG_EVERY_STEPS="10",
+    CHECKPOINT_EVERY_STEPS="40",
+)
 TOL = 0.03
 
 
 def _env(store: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SAE_", "WANDB_", "RUN_ID", "TORCHELASTIC_"))
-           and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SAE_", "WANDB_", "RUN_ID", "TORCHELASTIC_"))
+        and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update({"STORE_DIR": str(store), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **SETTINGS, **overrides})
     return env
 
 
 def _torchrun(sae_run_id: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(REPO / "02_train_sae.py"), "--sae_run_id", sae_run_id]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / "02_train_sae.py"),
+        "--sae_run_id",
+        sae_run_id,
+    ]
 
 
 def _one_process(store: Path, sae_run_id: str, **overrides: str) -> dict:
@@ -56,8 +75,7 @@ def _history(store: Path, sae_run_id: str) -> dict:
 def test_two_processes_follow_the_one_process_curve(tmp_path):
     make_run(tmp_path, shard_sizes=SHARDS)
     t0 = time.time()
-    done = subprocess.run(_torchrun("two"), cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(_torchrun("two"), cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     print(f"2-process run: {time.time() - t0:.1f} s")
     assert done.stdout.count("Trained SAE two") == 1  # one summary: rank 0's
@@ -80,8 +98,13 @@ def test_two_processes_follow_the_one_process_curve(tmp_path):
 
     # one set of outputs, written by rank 0
     out = tmp_path / "runs" / "two"
-    assert sorted(p.name for p in out.iterdir()) == ["history.json", "meta.json", "model.pt", "saelens",
-                                                     "training_curves.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "history.json",
+        "meta.json",
+        "model.pt",
+        "saelens",
+        "training_curves.png",
+    ]
     assert (tmp_path / "runs").joinpath("one").is_dir() and len(list((tmp_path / "runs").iterdir())) == 3
     assert PipelineSae.load(out / "model.pt").sae_engine.W_dec.shape == (128, 32)
 
@@ -92,8 +115,9 @@ def test_a_stop_on_one_rank_stops_both_and_the_run_resumes(tmp_path):
     make_run(tmp_path, shard_sizes=SHARDS)
     env = _env(tmp_path, EPOCHS="12")
     ckpt = tmp_path / "runs" / "res" / "checkpoint.pt"
-    proc = subprocess.Popen(_torchrun("res"), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _torchrun("res"), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -109,8 +133,7 @@ def test_a_stop_on_one_rank_stops_both_and_the_run_resumes(tmp_path):
     assert ckpt.is_file() and not (tmp_path / SAE_RUN_ID_FILE).exists()
     assert json.loads((tmp_path / "runs" / "res" / "meta.json").read_text())["status"] == "running"
 
-    done = subprocess.run(_torchrun("res"), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(_torchrun("res"), cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count(f"resumed from step {stops[0]} ") == 1  # printed by rank 0 only
     assert not ckpt.exists() and (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "res"

@@ -13,10 +13,10 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -33,10 +33,22 @@ def _base_env(tiny_model: Path) -> dict[str, str]:
     for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
         env.pop(name, None)
     env.update(
-        MODEL_ID=str(tiny_model), HF_DATASET=str(SAMPLE), DEVICE="cpu",
-        DATA_LIMIT="120", MAX_LENGTH="32", BATCH_SIZE_SAVE="8", DOCS_PER_SHARD="40", LAYER_NUM="2",
-        EPOCHS="2", BATCH_SIZE_TRAIN="256", N_LATENTS_MULTIPLIER="2", TOP_K="4",
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+        MODEL_ID=str(tiny_model),
+        HF_DATASET=str(SAMPLE),
+        DEVICE="cpu",
+        DATA_LIMIT="120",
+        MAX_LENGTH="32",
+        BATCH_SIZE_SAVE="8",
+        DOCS_PER_SHARD="40",
+        LAYER_NUM="2",
+        EPOCHS="2",
+        BATCH_SIZE_TRAIN="256",
+        N_LATENTS_MULTIPLIER="2",
+        TOP_K="4",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
     )
     return env
 
@@ -102,6 +114,7 @@ def _no_pointer(store: Path, env) -> None:
 def _pointer(text: str):
     def setup(store: Path, env) -> None:
         (store / "run_id.txt").write_text(text)
+
     return setup
 
 
@@ -120,33 +133,65 @@ CASES = [
     Case("LR=0", STEP2, {"LR": "0"}, expect=("LR='0'", "greater than 0")),
     # ---- step 1 settings
     Case("DATA_LIMIT=0", STEP1, {"DATA_LIMIT": "0"}, expect=("DATA_LIMIT='0'", "greater than or equal to 1")),
-    Case("BATCH_SIZE_SAVE=0", STEP1, {"BATCH_SIZE_SAVE": "0"},
-         expect=("BATCH_SIZE_SAVE='0'", "greater than or equal to 1")),
+    Case(
+        "BATCH_SIZE_SAVE=0",
+        STEP1,
+        {"BATCH_SIZE_SAVE": "0"},
+        expect=("BATCH_SIZE_SAVE='0'", "greater than or equal to 1"),
+    ),
     Case("LAYER_NUM=99", STEP1, {"LAYER_NUM": "99"}, expect=("LAYER_NUM=99", "4 layers", "0..3")),
     Case("LAYER_NUM=-1", STEP1, {"LAYER_NUM": "-1"}, expect=("LAYER_NUM='-1'", "greater than or equal to 0")),
-    Case("LAYER_SIGNATURE-unknown", STEP1, {"LAYER_SIGNATURE": "no_such_layer"},
-         expect=("LAYER_SIGNATURE='no_such_layer'", SITE2)),
-    Case("TEXT_FIELD-missing", STEP1, {"TEXT_FIELD": "content"},
-         expect=("TEXT_FIELD='content'", "its columns are: text")),
-    Case("MODEL_ID-missing-dir", STEP1, {"MODEL_ID": "/no/such/model/dir"},
-         expect=("MODEL_ID='/no/such/model/dir'", "hub id")),
+    Case(
+        "LAYER_SIGNATURE-unknown",
+        STEP1,
+        {"LAYER_SIGNATURE": "no_such_layer"},
+        expect=("LAYER_SIGNATURE='no_such_layer'", SITE2),
+    ),
+    Case(
+        "TEXT_FIELD-missing", STEP1, {"TEXT_FIELD": "content"}, expect=("TEXT_FIELD='content'", "its columns are: text")
+    ),
+    Case(
+        "MODEL_ID-missing-dir",
+        STEP1,
+        {"MODEL_ID": "/no/such/model/dir"},
+        expect=("MODEL_ID='/no/such/model/dir'", "hub id"),
+    ),
     Case("MODEL_ID-not-an-id", STEP1, {"MODEL_ID": "not a model!"}, expect=("MODEL_ID='not a model!'", "hub id")),
-    Case("MODEL_ID-not-on-hub-offline", STEP1, {"MODEL_ID": "nobody-xyz/no-such-model-xyz"},
-         expect=("MODEL_ID='nobody-xyz/no-such-model-xyz'", "could not be loaded")),
-    Case("HF_DATASET-missing", STEP1, {"HF_DATASET": "/no/such/corpus.jsonl"},
-         expect=("HF_DATASET='/no/such/corpus.jsonl'", "does not exist", ".jsonl")),
+    Case(
+        "MODEL_ID-not-on-hub-offline",
+        STEP1,
+        {"MODEL_ID": "nobody-xyz/no-such-model-xyz"},
+        expect=("MODEL_ID='nobody-xyz/no-such-model-xyz'", "could not be loaded"),
+    ),
+    Case(
+        "HF_DATASET-missing",
+        STEP1,
+        {"HF_DATASET": "/no/such/corpus.jsonl"},
+        expect=("HF_DATASET='/no/such/corpus.jsonl'", "does not exist", ".jsonl"),
+    ),
     Case("STORE_DIR-under-a-file", STEP1, setup=_store_under_a_file, expect=("STORE_DIR=", "not writable")),
     Case("STORE_DIR-read-only-step1", STEP1, readonly_runs=True, expect=("STORE_DIR=", "not writable")),
     Case("STORE_DIR-read-only-step2", STEP2, readonly_runs=True, expect=("STORE_DIR=", "not writable")),
-    Case("DEVICE=cuda-step1", STEP1, {"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""},
-         expect=("DEVICE='cuda'", "CUDA is not available", "DEVICE=cpu")),
-    Case("DEVICE=cuda-step2", STEP2, {"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""},
-         expect=("DEVICE='cuda'", "CUDA is not available", "DEVICE=cpu")),
+    Case(
+        "DEVICE=cuda-step1",
+        STEP1,
+        {"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""},
+        expect=("DEVICE='cuda'", "CUDA is not available", "DEVICE=cpu"),
+    ),
+    Case(
+        "DEVICE=cuda-step2",
+        STEP2,
+        {"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""},
+        expect=("DEVICE='cuda'", "CUDA is not available", "DEVICE=cpu"),
+    ),
     # ---- run ids and pointers
-    Case("run_id-escape-step1", STEP1, args=("--run_id", "../escape"),
-         expect=("--run_id='../escape'", "not a valid run id")),
-    Case("run_id-escape-step2", STEP2, args=("--run_id", "../escape"),
-         expect=("'../escape'", "not a valid run id")),
+    Case(
+        "run_id-escape-step1",
+        STEP1,
+        args=("--run_id", "../escape"),
+        expect=("--run_id='../escape'", "not a valid run id"),
+    ),
+    Case("run_id-escape-step2", STEP2, args=("--run_id", "../escape"), expect=("'../escape'", "not a valid run id")),
     Case("sae_run_id-escape", STEP2, args=("--sae_run_id", "../../x"), expect=("'../../x'", "not a valid run id")),
     Case("RUN_ID-env-escape", STEP1, {"RUN_ID": "/tmp/abs"}, expect=("RUN_ID='/tmp/abs'", "not a valid run id")),
     Case("run_id.txt-missing", STEP2, setup=_no_pointer, expect=("run_id.txt not found",)),
@@ -155,10 +200,19 @@ CASES = [
     Case("run_id.txt-escape", STEP2, setup=_pointer("../good\n"), expect=("run_id.txt='../good'", "not a valid")),
     Case("run_id-ghost-step2", STEP2, args=("--run_id", "ghost"), expect=("'ghost' not found",)),
     # ---- runs that exist
-    Case("incomplete-run-step2", STEP2, args=("--run_id", "partial"),
-         expect=("'partial' is incomplete", "2/3", "01_save_activations.py --run_id partial")),
-    Case("existing-run-other-settings", STEP1, {"MAX_LENGTH": "16"}, args=("--run_id", "good"),
-         expect=("run 'good' exists with other settings", "max_length", "another --run_id")),
+    Case(
+        "incomplete-run-step2",
+        STEP2,
+        args=("--run_id", "partial"),
+        expect=("'partial' is incomplete", "2/3", "01_save_activations.py --run_id partial"),
+    ),
+    Case(
+        "existing-run-other-settings",
+        STEP1,
+        {"MAX_LENGTH": "16"},
+        args=("--run_id", "good"),
+        expect=("run 'good' exists with other settings", "max_length", "another --run_id"),
+    ),
 ]
 
 
@@ -217,8 +271,10 @@ def test_bad_input(outcomes, case: Case):
     for part in case.expect:
         assert part in errors[0], errors[0]
     assert out.before and out.after == out.before, {
-        k: (out.before.get(k), out.after.get(k)) for k in set(out.before) | set(out.after)
-        if out.before.get(k) != out.after.get(k)}
+        k: (out.before.get(k), out.after.get(k))
+        for k in set(out.before) | set(out.after)
+        if out.before.get(k) != out.after.get(k)
+    }
 
 
 def test_golden_store_is_what_the_cases_assume(golden):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,8 +20,9 @@ from tests.helpers import REPO, SAMPLE, run_script
 @pytest.fixture(scope="module")
 def slower_model(tmp_path_factory):
     """Wide enough that a capture takes seconds, so it can be killed in the middle."""
-    return build_tiny_llama(tmp_path_factory.mktemp("wide"), load_sample_texts(SAMPLE), hidden_size=256,
-                            intermediate_size=512, num_layers=4)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("wide"), load_sample_texts(SAMPLE), hidden_size=256, intermediate_size=512, num_layers=4
+    )
 
 
 def all_shards(store_dir, run_id):
@@ -31,8 +31,14 @@ def all_shards(store_dir, run_id):
 
 
 def start(env, run_id):
-    return subprocess.Popen([sys.executable, str(REPO / "01_save_activations.py"), "--run_id", run_id], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "01_save_activations.py"), "--run_id", run_id],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_shards(run: ActivationRun, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -45,8 +51,16 @@ def wait_for_shards(run: ActivationRun, n: int, proc: subprocess.Popen, timeout:
 
 @pytest.fixture
 def env(pipeline_env, slower_model):
-    return {**pipeline_env, "MODEL_ID": str(slower_model), "DATA_LIMIT": "120", "MAX_LENGTH": "96",
-            "BATCH_SIZE_SAVE": "2", "DOCS_PER_SHARD": "6", "LAYER_NUM": "3", "OMP_NUM_THREADS": "1"}
+    return {
+        **pipeline_env,
+        "MODEL_ID": str(slower_model),
+        "DATA_LIMIT": "120",
+        "MAX_LENGTH": "96",
+        "BATCH_SIZE_SAVE": "2",
+        "DOCS_PER_SHARD": "6",
+        "LAYER_NUM": "3",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def test_sigkill_then_resume_equals_uninterrupted(env, tmp_path):

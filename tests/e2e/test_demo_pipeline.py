@@ -19,8 +19,9 @@ def test_demo_command_end_to_end_and_mi_crow_reads_the_outputs(tmp_path):
     store = tmp_path / "demo_store"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RUN_ID", "SAE_", "WANDB_"))}
     env["STORE_DIR"] = str(store)
-    done = subprocess.run([sys.executable, "-m", "sae_pipeline.demo"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "sae_pipeline.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "demo finished" in done.stdout
 

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from sae_pipeline.sae import PipelineSae
 from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
@@ -32,10 +31,24 @@ def _env(model: Path, store: Path) -> dict[str, str]:
     for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
         env.pop(name, None)
     env.update(
-        MODEL_ID=str(model), HF_DATASET=str(SAMPLE), STORE_DIR=str(store), DEVICE="cpu",
-        DATA_LIMIT="120", MAX_LENGTH="32", BATCH_SIZE_SAVE="8", DOCS_PER_SHARD="40", LAYER_NUM="2",
-        EPOCHS="2", BATCH_SIZE_TRAIN="256", N_LATENTS_MULTIPLIER="2", TOP_K="4", BROWSER_LATENTS="12",
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+        MODEL_ID=str(model),
+        HF_DATASET=str(SAMPLE),
+        STORE_DIR=str(store),
+        DEVICE="cpu",
+        DATA_LIMIT="120",
+        MAX_LENGTH="32",
+        BATCH_SIZE_SAVE="8",
+        DOCS_PER_SHARD="40",
+        LAYER_NUM="2",
+        EPOCHS="2",
+        BATCH_SIZE_TRAIN="256",
+        N_LATENTS_MULTIPLIER="2",
+        TOP_K="4",
+        BROWSER_LATENTS="12",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
     )
     return env
 
@@ -59,11 +72,13 @@ def test_metrics_follow_the_documented_formulas(evaluated):
     # the trained model needs the layer: zero ablation costs loss, and the SAE recovers part of it
     assert d["ce_zero"] > d["ce_clean"] + 0.05
     assert d["ce_clean"] < d["ce_sae"] < d["ce_zero"]
-    assert d["ce_loss_recovered"] == pytest.approx((d["ce_zero"] - d["ce_sae"]) / (d["ce_zero"] - d["ce_clean"]),
-                                                   rel=1e-12)
+    assert d["ce_loss_recovered"] == pytest.approx(
+        (d["ce_zero"] - d["ce_sae"]) / (d["ce_zero"] - d["ce_clean"]), rel=1e-12
+    )
     assert 0 < d["ce_loss_recovered"] < 1
     assert d["ce_loss_recovered_mean_ablation"] == pytest.approx(
-        (d["ce_mean"] - d["ce_sae"]) / (d["ce_mean"] - d["ce_clean"]), rel=1e-12)
+        (d["ce_mean"] - d["ce_sae"]) / (d["ce_mean"] - d["ce_clean"]), rel=1e-12
+    )
     assert d["delta_loss"] == pytest.approx(d["ce_sae"] - d["ce_clean"], rel=1e-12)
     assert d["kl_sae"] > 0 and d["kl_zero"] > d["kl_sae"]
     # held-out documents: the rows capture did not use
@@ -96,8 +111,11 @@ def test_feature_browser_renders_in_chromium(evaluated, chromium, tmp_path, tmp_
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_bad_inputs_fail_in_one_line_and_change_nothing(evaluated, tmp_path):
@@ -106,8 +124,14 @@ def test_bad_inputs_fail_in_one_line_and_change_nothing(evaluated, tmp_path):
     shutil.copytree(store / "runs" / "sae", store / "runs" / "sae_narrow")
     shutil.rmtree(store / "runs" / "sae_narrow" / "evaluation")
     PipelineSae(96, 48, 4).save("model", store / "runs" / "sae_narrow")
-    other = build_tiny_llama(tmp_path / "narrow_llama", load_sample_texts(SAMPLE), hidden_size=32, num_heads=2,
-                             num_kv_heads=1, intermediate_size=64)
+    other = build_tiny_llama(
+        tmp_path / "narrow_llama",
+        load_sample_texts(SAMPLE),
+        hidden_size=32,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
     before = _snapshot(store)
     cases = {
         "eval_limit": ({"EVAL_LIMIT": "0"}, (), "EVAL_LIMIT"),

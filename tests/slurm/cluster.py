@@ -31,8 +31,16 @@ CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 
 TERMINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-    "PREEMPTED", "SPECIAL_EXIT",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
 }
 
 # The fake node: 16 CPUs, ~250 GiB, 4 GPUs. Big enough for the seed's requests and for 4 capture tasks at once.
@@ -43,7 +51,8 @@ NODE_GPUS = 4
 
 def _which(name: str) -> str | None:
     return shutil.which(name) or next(
-        (str(Path(d) / name) for d in ("/usr/sbin", "/usr/bin", "/sbin") if (Path(d) / name).exists()), None)
+        (str(Path(d) / name) for d in ("/usr/sbin", "/usr/bin", "/sbin") if (Path(d) / name).exists()), None
+    )
 
 
 def missing_tools() -> list[str]:
@@ -65,8 +74,7 @@ def ensure_slurm(install: bool = True) -> str | None:
     if shutil.which("apt-get") is None:
         return f"SLURM tools not installed ({', '.join(missing)}) and no apt-get to install them"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    steps = [["apt-get", "update", "-qq"],
-             ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]]
+    steps = [["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]]
     for cmd in steps:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
@@ -127,7 +135,7 @@ class SlurmCluster:
         self.started = False
 
     # ---------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         try:
             self.start()
         except BaseException:
@@ -151,8 +159,7 @@ class SlurmCluster:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.touch()
             gpu_files.append(str(f))
-        (r / "etc" / "gres.conf").write_text(
-            "".join(f"NodeName=localhost Name=gpu File={f}\n" for f in gpu_files))
+        (r / "etc" / "gres.conf").write_text("".join(f"NodeName=localhost Name=gpu File={f}\n" for f in gpu_files))
         self.conf.write_text(f"""\
 ClusterName=saetest
 SlurmctldHost=localhost
@@ -200,9 +207,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         key = self.munge_dir / "munge.key"
         if not key.exists():
             self._check([_which("mungekey"), "-c", "-k", str(key)])
-        self._check([_which("munged"), f"--key-file={key}", f"--socket={self.munge_sock}",
-                     f"--pid-file={self.munge_dir / 'munged.pid'}", f"--log-file={self.munge_dir / 'munged.log'}",
-                     f"--seed-file={self.munge_dir / 'munged.seed'}"])
+        self._check(
+            [
+                _which("munged"),
+                f"--key-file={key}",
+                f"--socket={self.munge_sock}",
+                f"--pid-file={self.munge_dir / 'munged.pid'}",
+                f"--log-file={self.munge_dir / 'munged.log'}",
+                f"--seed-file={self.munge_dir / 'munged.seed'}",
+            ]
+        )
         self.started = True
         self._write_config(free_port(), free_port())
         self._check([_which("slurmctld"), "-f", str(self.conf)])
@@ -216,14 +230,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     # daemon mode returns 0 even when the daemon dies right after forking
                     if time.monotonic() > deadline - timeout + 5:
                         raise ClusterError(f"{name} is not running; last log lines:\n{self.log_tail(name)}")
-            proc = subprocess.run(["sinfo", "-h", "-N", "-n", "localhost", "-o", "%t"], env=self.env,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                ["sinfo", "-h", "-N", "-n", "localhost", "-o", "%t"], env=self.env, capture_output=True, text=True
+            )
             state = proc.stdout.strip()
             if state == "idle":
                 return
             time.sleep(0.3)
-        raise ClusterError(f"node not idle after {timeout:.0f} s (state {state!r}); slurmctld log:\n"
-                           f"{self.log_tail('slurmctld')}\nslurmd log:\n{self.log_tail('slurmd')}")
+        raise ClusterError(
+            f"node not idle after {timeout:.0f} s (state {state!r}); slurmctld log:\n"
+            f"{self.log_tail('slurmctld')}\nslurmd log:\n{self.log_tail('slurmd')}"
+        )
 
     def _check(self, cmd: list[str | None]) -> None:
         if cmd[0] is None:
@@ -257,7 +274,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         while time.monotonic() < deadline and any(p and _pid_alive(p) for p in pids.values()):
             time.sleep(0.2)
         # leftovers: job processes of a killed slurmd are not ours to hunt by name; the daemons are
-        for name, pid in pids.items():
+        for pid in pids.values():
             if pid and _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         munged = self._pid("munged")
@@ -270,8 +287,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.started = False
 
     # ---------------------------------------------------------------- jobs
-    def run(self, cmd: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
-            check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        cmd: list[str],
+        cwd: Path | str | None = None,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
         full_env = dict(env) if env is not None else dict(os.environ)
         full_env["SLURM_CONF"] = str(self.conf)
         proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -295,8 +318,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             ident = raw["JobId"]
             if raw.get("ArrayJobId") and raw.get("ArrayTaskId"):
                 ident = f"{raw['ArrayJobId']}_{raw['ArrayTaskId']}"
-            jobs.append(JobInfo(ident, raw.get("JobState", ""), raw.get("ExitCode", ""),
-                                int(raw.get("Restarts", "0") or 0), raw.get("Reason", ""), raw))
+            jobs.append(
+                JobInfo(
+                    ident,
+                    raw.get("JobState", ""),
+                    raw.get("ExitCode", ""),
+                    int(raw.get("Restarts", "0") or 0),
+                    raw.get("Reason", ""),
+                    raw,
+                )
+            )
         return jobs
 
     def states(self, job_id: str) -> dict[str, str]:
@@ -309,8 +340,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 out[ident] = state
         return out
 
-    def wait(self, job_ids: str | list[str], timeout: float = 300, poll: float = 1.0,
-             expect_tasks: int | None = None) -> dict[str, JobInfo]:
+    def wait(
+        self, job_ids: str | list[str], timeout: float = 300, poll: float = 1.0, expect_tasks: int | None = None
+    ) -> dict[str, JobInfo]:
         """Poll until every job (and array task) is in a final state; return id → JobInfo.
 
         A requeued job passes through PENDING again, so only a terminal state counts. ``expect_tasks``: wait until
@@ -330,9 +362,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if done:
                 return last
             if time.monotonic() > deadline:
-                raise ClusterError(f"jobs {ids} not finished after {timeout:.0f} s: "
-                                   f"{ {k: (v.state, v.reason) for k, v in last.items()} }\n"
-                                   f"slurmctld log:\n{self.log_tail('slurmctld')}")
+                raise ClusterError(
+                    f"jobs {ids} not finished after {timeout:.0f} s: "
+                    f"{ {k: (v.state, v.reason) for k, v in last.items()} }\n"
+                    f"slurmctld log:\n{self.log_tail('slurmctld')}"
+                )
             time.sleep(poll)
 
     def wait_state(self, job_id: str, states: set[str], timeout: float = 120, poll: float = 0.5) -> JobInfo:

@@ -18,8 +18,11 @@ from tests.slurm.cluster import ClusterError, SlurmCluster, ensure_slurm
 
 def pytest_configure(config: pytest.Config) -> None:
     # Also registered in pyproject.toml; repeated here so the marker is known when this dir is run on its own.
-    config.addinivalue_line("markers", "slurm: runs jobs on a real single-node SLURM cluster started by the test "
-                                       "(installs Debian's slurm + munge when missing; needs root)")
+    config.addinivalue_line(
+        "markers",
+        "slurm: runs jobs on a real single-node SLURM cluster started by the test "
+        "(installs Debian's slurm + munge when missing; needs root)",
+    )
 
 
 def _in_ci() -> bool:
@@ -63,18 +66,41 @@ def base_env(tiny_model: Path, store: Path, **overrides: str) -> dict[str, str]:
     VENV points at the project's environment (the default `uv run` path is covered by one test), SAE_MODULES is
     empty (no module system here).
     """
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SAE_", "SBATCH_", "PYTEST_", "WANDB_"))}
-    for name in ("SCRATCH", "RUN_ID", "SAE_RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT",
-                 "PIPELINE_DIR", "VENV", "VIRTUAL_ENV"):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "SBATCH_", "PYTEST_", "WANDB_"))}
+    for name in (
+        "SCRATCH",
+        "RUN_ID",
+        "SAE_RUN_ID",
+        "LAYER_SIGNATURE",
+        "CAPTURE_TASK_ID",
+        "CAPTURE_TASK_COUNT",
+        "PIPELINE_DIR",
+        "VENV",
+        "VIRTUAL_ENV",
+    ):
         env.pop(name, None)
     env.update(
-        MODEL_ID=str(tiny_model), HF_DATASET=str(SAMPLE), STORE_DIR=str(store), DEVICE="cpu",
-        DATA_LIMIT="200", MAX_LENGTH="32", BATCH_SIZE_SAVE="16", DOCS_PER_SHARD="25", LAYER_NUM="2",
-        EPOCHS="2", BATCH_SIZE_TRAIN="128", N_LATENTS_MULTIPLIER="2", TOP_K="4",
-        EVAL_LIMIT="40", BROWSER_LATENTS="10",
-        VENV=str(REPO / ".venv"), SAE_MODULES="",
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+        MODEL_ID=str(tiny_model),
+        HF_DATASET=str(SAMPLE),
+        STORE_DIR=str(store),
+        DEVICE="cpu",
+        DATA_LIMIT="200",
+        MAX_LENGTH="32",
+        BATCH_SIZE_SAVE="16",
+        DOCS_PER_SHARD="25",
+        LAYER_NUM="2",
+        EPOCHS="2",
+        BATCH_SIZE_TRAIN="128",
+        N_LATENTS_MULTIPLIER="2",
+        TOP_K="4",
+        EVAL_LIMIT="40",
+        BROWSER_LATENTS="10",
+        VENV=str(REPO / ".venv"),
+        SAE_MODULES="",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
     )
     env.update(overrides)
     return env

@@ -63,8 +63,14 @@ def assert_completed(cluster: SlurmCluster, final: dict, job_dir: Path) -> None:
 def local_capture(env: dict[str, str], run_id: str) -> subprocess.CompletedProcess:
     """Step 1 run directly (no SLURM): the reference a SLURM run must match."""
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    return subprocess.run([str(REPO / ".venv" / "bin" / "python"), str(REPO / "01_save_activations.py"),
-                           "--run_id", run_id], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), str(REPO / "01_save_activations.py"), "--run_id", run_id],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
@@ -94,8 +100,12 @@ def reference(tiny_model, tmp_path_factory):
     full = provenance(store, "ref_all")
 
     def expected(n_docs: int) -> set[tuple[int, int, int]]:
-        return {(d + k * N_SAMPLE, p, t) for k in range(-(-n_docs // N_SAMPLE)) for d, p, t in full
-                if d + k * N_SAMPLE < n_docs}
+        return {
+            (d + k * N_SAMPLE, p, t)
+            for k in range(-(-n_docs // N_SAMPLE))
+            for d, p, t in full
+            if d + k * N_SAMPLE < n_docs
+        }
 
     default = expected(int(base_env(tiny_model, store)["DATA_LIMIT"]))
     return {"n_tokens": len(default), "provenance": default, "expected": expected, "store": store}
@@ -224,11 +234,15 @@ def test_usr1_mid_capture_requeues_and_resumes(slurm_cluster, tiny_model, job_di
     data.write_text(SAMPLE.read_text(encoding="utf-8") * 5, encoding="utf-8")
     store = tmp_path / "store"
     n_docs = 5 * N_SAMPLE
-    env = base_env(tiny_model, store, HF_DATASET=str(data), DATA_LIMIT=str(n_docs), BATCH_SIZE_SAVE="1",
-                   DOCS_PER_SHARD="20")
+    env = base_env(
+        tiny_model, store, HF_DATASET=str(data), DATA_LIMIT=str(n_docs), BATCH_SIZE_SAVE="1", DOCS_PER_SHARD="20"
+    )
     del env["VENV"]
-    job = slurm_cluster.sbatch(["--array=0-1", "--output=sae_save_activations_%A_%a.out",
-                                "--error=sae_save_activations_%A_%a.err", CAPTURE], cwd=job_dir, env=env)
+    job = slurm_cluster.sbatch(
+        ["--array=0-1", "--output=sae_save_activations_%A_%a.out", "--error=sae_save_activations_%A_%a.err", CAPTURE],
+        cwd=job_dir,
+        env=env,
+    )
     run_id = f"act_saetest_{job}"
     first_shard = store / "runs" / run_id / "batch_0" / "tokens" / "provenance.safetensors"  # task 0's first
     wait_for(first_shard.exists, 120, "task 0's first shard", poll=0.1)
@@ -254,12 +268,16 @@ def test_usr1_mid_training_requeues_and_resumes(slurm_cluster, tiny_model, job_d
     env = base_env(tiny_model, store, RUN_ID="ref_all", EPOCHS="4", BATCH_SIZE_TRAIN="8")
     job = slurm_cluster.sbatch([TRAIN], cwd=job_dir, env=env)
     # the uninterrupted reference, meanwhile, outside SLURM
-    ref = subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), str(REPO / "02_train_sae.py"),
-                            "--sae_run_id", "ref_sae"], env={**env, "SAE_MODULES": ""}, cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "python"), str(REPO / "02_train_sae.py"), "--sae_run_id", "ref_sae"],
+        env={**env, "SAE_MODULES": ""},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     err_log = job_dir / f"sae_train_{job}.err"
-    wait_for(lambda: err_log.exists() and "tok/s" in err_log.read_text(errors="replace"), 120,
-             "training to start")
+    wait_for(lambda: err_log.exists() and "tok/s" in err_log.read_text(errors="replace"), 120, "training to start")
     time.sleep(1.0)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job])
     final = slurm_cluster.wait(job, timeout=300)
