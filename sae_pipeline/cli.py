@@ -6,23 +6,56 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
-from sae_pipeline.errors import PipelineError
+from sae_pipeline.errors import PipelineError, StorageError, storage_error
 from sae_pipeline.preemption import StopRequested
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
 
 
-def exit_on_error(fn: Callable[[], object]) -> None:
-    """Users see ``error: <one line>`` and a non-zero exit, never a traceback, for anything they can fix."""
+@dataclass(frozen=True)
+class Resume:
+    """How a step is rerun after a failure: its run-id flag, and what the rerun keeps."""
+
+    flag: str
+    keeps: str
+
+
+CAPTURE_RESUME = Resume("--run_id", "it keeps the complete shards and captures the rest")
+TRAIN_RESUME = Resume("--sae_run_id", "it continues from the last checkpoint")
+EVALUATE_RESUME = Resume("--sae_run_id", "the trained SAE is untouched; evaluation starts over")
+
+
+def exit_on_error(fn: Callable[[], object], resume: Resume | None = None) -> None:
+    """Users see ``error: <one line>`` and a non-zero exit, never a traceback, for anything they can fix.
+
+    A filesystem failure anywhere (ours or a library's write) is one StorageError line ending with the command that
+    resumes the step: ``resume`` names the step's run-id flag; the id is the run folder the failed path lies in.
+    """
     try:
         fn()
     except StopRequested as exc:
         _fail(str(exc), exc.exit_code, prefix="stopped")
     except PipelineError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(_with_resume(exc, resume) if isinstance(exc, StorageError) else str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except Exception as exc:
+        storage = storage_error(exc)
+        if storage is None:
+            raise
+        _fail(_with_resume(storage, resume), storage.exit_code)
+
+
+def _with_resume(exc: StorageError, resume: Resume | None) -> str:
+    if resume is None:
+        return str(exc)
+    if exc.run_id is None:
+        return f"{exc}; then rerun the same command with the same {resume.flag} ({resume.keeps})"
+    script = Path(sys.argv[0]).name
+    return f"{exc}; then rerun `uv run python {script} {resume.flag} {exc.run_id}` ({resume.keeps})"
 
 
 def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
@@ -41,7 +74,7 @@ def save_activations_main(argv: list[str] | None = None) -> None:
 
         save_activations(settings, run_id=args.run_id)
 
-    exit_on_error(run)
+    exit_on_error(run, CAPTURE_RESUME)
 
 
 def train_sae_main(argv: list[str] | None = None) -> None:
@@ -64,7 +97,7 @@ def train_sae_main(argv: list[str] | None = None) -> None:
         finally:
             dist.close()
 
-    exit_on_error(run)
+    exit_on_error(run, TRAIN_RESUME)
 
 
 def discover_layers_main(argv: list[str] | None = None) -> None:
@@ -98,4 +131,4 @@ def evaluate_sae_main(argv: list[str] | None = None) -> None:
 
         evaluate_sae(settings, sae_run_id=args.sae_run_id)
 
-    exit_on_error(run)
+    exit_on_error(run, EVALUATE_RESUME)

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae_pipeline.errors import PipelineError
+from sae_pipeline.errors import PipelineError, StorageError, storage_error, storage_errors
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_FILE = "run_id.txt"
@@ -60,23 +60,33 @@ def new_run_id(prefix: str) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path``, renamed onto it when the block succeeds and removed when it fails, so a
-    reader (or a run resumed after a kill) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """A temporary name beside ``path``, synced and renamed onto it when the block succeeds and removed when it
+    fails, so a reader (or a run resumed after a kill) sees the old file or the new one, never half of one. A full
+    disk or a refused write surfaces as a StorageError naming ``path``."""
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            _fsync(Path(tmp))  # a write the disk refuses late (delayed allocation, quotas) fails here, not later
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):  # a vanished mount must not hide the first error
+                Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        os.fsync(fd)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -104,6 +114,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing; the run is incomplete or was modified") from None
     except (SafetensorError, OSError, ValueError) as exc:
+        unreadable = storage_error(exc, path, action="read")
+        if unreadable is not None:
+            raise unreadable from None
         raise PipelineError(f"{path} cannot be read ({exc}); the file is corrupted") from None
 
 
@@ -128,10 +141,9 @@ class Store:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise PipelineError(
-                f"STORE_DIR={str(self.root)!r} is not writable ({exc.strerror}); "
-                "set STORE_DIR to a folder you can write"
-            ) from None
+            if exc.errno is None:
+                raise
+            raise StorageError(self.runs_dir, exc, subject=f"STORE_DIR={str(self.root)!r} is not writable") from None
 
     def read_pointer(self, name: str = RUN_ID_FILE) -> str:
         """The run id a previous step left in ``name``, checked to exist."""
@@ -207,24 +219,28 @@ class ActivationRun:
         """Write shard ``index`` atomically; returns its size in bytes."""
         final = self.shard_dir(index)
         tmp = self.dir / f".tmp_batch_{index}_{os.getpid()}_{secrets.token_hex(2)}"
-        tmp.mkdir(parents=True)
         try:
-            (tmp / layer_signature).mkdir()
-            save_file({"tensor": activations.contiguous()}, str(tmp / layer_signature / "activations.safetensors"))
-            (tmp / PROVENANCE_KEY).mkdir()
-            save_file(
-                {"tensor": provenance.to(torch.int32).contiguous()},
-                str(tmp / PROVENANCE_KEY / "provenance.safetensors"),
-            )
-            metadata = {
-                layer_signature: {"activations_shape": list(activations.shape)},
-                PROVENANCE_KEY: {"provenance_shape": list(provenance.shape), "columns": list(PROVENANCE_COLUMNS)},
-                "shard": info,
-                "_tensor_metadata_names": {layer_signature: ["activations"], PROVENANCE_KEY: ["provenance"]},
-            }
-            (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-            os.rename(tmp, final)
+            with storage_errors(final):
+                tmp.mkdir(parents=True)
+                (tmp / layer_signature).mkdir()
+                save_file({"tensor": activations.contiguous()}, str(tmp / layer_signature / "activations.safetensors"))
+                (tmp / PROVENANCE_KEY).mkdir()
+                save_file(
+                    {"tensor": provenance.to(torch.int32).contiguous()},
+                    str(tmp / PROVENANCE_KEY / "provenance.safetensors"),
+                )
+                metadata = {
+                    layer_signature: {"activations_shape": list(activations.shape)},
+                    PROVENANCE_KEY: {"provenance_shape": list(provenance.shape), "columns": list(PROVENANCE_COLUMNS)},
+                    "shard": info,
+                    "_tensor_metadata_names": {layer_signature: ["activations"], PROVENANCE_KEY: ["provenance"]},
+                }
+                (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+                files = [f for f in tmp.rglob("*") if f.is_file()]
+                for f in files:
+                    _fsync(f)
+                size = sum(f.stat().st_size for f in files)
+                os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "polish_sample.jsonl"
@@ -15,3 +20,40 @@ def run_script(script: str, env: dict[str, str], *args: str, timeout: float = 30
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (a tmpfs, e.g. "300k") mounted at ``path``, unmounted after: where writes
+    fail with ENOSPC the way a full scratch disk makes them fail. ``resize`` frees space."""
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def resize(path: Path, size: str) -> None:
+    _mount("-o", f"remount,size={size}", str(path))
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """``path`` bind-mounted read-only on itself (EROFS for every write, root's included), restored after."""
+    _mount("--bind", str(path), str(path))
+    try:
+        _mount("-o", "remount,ro,bind", str(path))
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _mount(*args: str) -> None:
+    """Tests of full and read-only filesystems need root (CI runs as root): elsewhere they skip, in CI they fail."""
+    res = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        message = f"`mount {' '.join(args)}` failed ({res.stderr.strip()}); these tests need root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

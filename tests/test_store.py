@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sae_pipeline.store as store_mod
-from sae_pipeline.errors import PipelineError
+from sae_pipeline.errors import PipelineError, StorageError
 from sae_pipeline.store import (
     META_FILE,
     RUN_ID_FILE,
@@ -125,9 +125,9 @@ def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store_mod.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=f"cannot write {target}: No space left on device"):
         atomic_write_json(target, {"v": 2})
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="t.safetensors"):
         atomic_save_tensors(tmp_path / "t.safetensors", {"t": torch.zeros(2)})
     assert _tree(tmp_path) == ["meta.json"]
     assert read_json(target) == {"v": 1}
@@ -224,7 +224,7 @@ def test_shard_appears_only_complete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_mod, "save_file", flaky_save)
     acts, prov = _shard_tensors(6)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=f"cannot write {run.shard_dir(0)}: No space"):
         run.write_shard(0, LAYER, acts, prov, {})
     assert len(calls) == 2
     assert Path(calls[0]).parent.parent != run.shard_dir(0)  # the first file went to a temporary folder
