@@ -20,7 +20,7 @@
 #
 # BATCH_SIZE_TRAIN is the GLOBAL batch (tokens per optimisation step over all GPUs): each GPU takes
 # BATCH_SIZE_TRAIN / (nodes x GPUs per node), which must divide evenly. Same settings, same SAE_RUN_ID handling,
-# preemption and requeue as submit_train_sae.sh; see docs/multi_gpu.md.
+# preemption and requeue as submit_train_sae.sh; see README.md, "Training on several GPUs".
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_train_sae.sh); SAE_GPUS_PER_NODE (default:
 # the GPUs SLURM gave this node); SAE_RDZV_PORT (default 29500), the rendezvous port on the first node.

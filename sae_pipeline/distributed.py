@@ -43,7 +43,7 @@ class Dist:
         except (KeyError, ValueError):
             raise PipelineError(
                 "WORLD_SIZE/RANK/LOCAL_RANK are malformed; launch several processes with torchrun "
-                "(see docs/multi_gpu.md)"
+                '(see README.md, "Training on several GPUs")'
             ) from None
 
     @property

@@ -18,7 +18,7 @@ b_dec; loss = Σ‖e − ê‖² / Σ‖e − mean e‖² (normalised like the m
 k_aux = d_in / 2. A latent is dead when it has not fired in the last DEAD_TOKENS_WINDOW training tokens, a window
 capped at a tenth of the run's training tokens so that short runs get one too (meta.json records the one used).
 
-Several processes (torchrun; ``dist`` from the cli layer, see distributed.py and docs/multi_gpu.md): every rank holds
+Several processes (torchrun; see distributed.py and README.md, "Training on several GPUs"): every rank holds
 the whole SAE and trains on its part of each global step's batch (train_data.py says which tokens); one all-reduce
 per step makes gradients, dead-latent counters, logged loss, BatchTopK threshold and the stop flag global, so every
 rank steps identically and stops at the same step. Metrics are merged across ranks, so history.json is the global
