@@ -59,8 +59,16 @@ def _with_resume(exc: StorageError, resume: Resume | None) -> str:
 
 
 def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
+    _close_progress_bars()
     print(f"{prefix}: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _close_progress_bars() -> None:
+    """A bar the failed step left open would put the error line at the end of its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def save_activations_main(argv: list[str] | None = None) -> None:

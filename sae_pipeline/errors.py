@@ -119,7 +119,18 @@ def _existing_ancestor(path: Path | None) -> Path:
 
 
 def _mount_point(path: Path) -> Path:
+    """The filesystem ``path`` lies on: the longest mount point above it (/proc/self/mounts also knows bind mounts,
+    which os.path.ismount cannot tell from their parent)."""
     p = path.resolve()
+    try:
+        mounts = [
+            Path(line.split()[1].replace("\\040", " ")) for line in Path("/proc/self/mounts").read_text().splitlines()
+        ]
+    except OSError:
+        mounts = []
+    above = [m for m in mounts if m == p or m in p.parents]
+    if above:
+        return max(above, key=lambda m: len(m.parts))
     while not os.path.ismount(p) and p != p.parent:
         p = p.parent
     return p

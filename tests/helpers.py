@@ -49,11 +49,25 @@ def read_only(path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[Path]:
+    """``path`` with the immutable attribute: EPERM for every write, root's included (chmod does not stop root)."""
+    _root_only("chattr", "+i", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 def _mount(*args: str) -> None:
+    _root_only("mount", *args)
+
+
+def _root_only(*command: str) -> None:
     """Tests of full and read-only filesystems need root (CI runs as root): elsewhere they skip, in CI they fail."""
-    res = subprocess.run(["mount", *args], capture_output=True, text=True)
+    res = subprocess.run(command, capture_output=True, text=True)
     if res.returncode != 0:
-        message = f"`mount {' '.join(args)}` failed ({res.stderr.strip()}); these tests need root"
+        message = f"`{' '.join(command)}` failed ({res.stderr.strip()}); these tests need root"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
