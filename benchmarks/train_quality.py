@@ -239,7 +239,7 @@ def main() -> None:
     store = Store(Path(args.store))
     run = capture(store, args.tokens)
     meta = run.read_meta()
-    d = int(meta["d_model"])
+    d = ActivationRun.layer_specs(meta)[0].d_model
     loader = TokenLoader(run, LAYER, d, args.batch, 0.05, 42, 1 << 20)
     print(
         f"# {meta['n_tokens']:,} tokens (train {loader.n_train:,}, held-out {loader.n_holdout:,}), d={d}, "

@@ -107,7 +107,8 @@ def main() -> None:
     store = Store(Path(args.store))
     run_id = args.run or synthetic_run(store, args.d, args.tokens)
     meta = ActivationRun(store, run_id).read_meta()
-    d, layer = int(meta["d_model"]), meta["layer_signature"]
+    (spec,) = ActivationRun.layer_specs(meta)
+    d, layer = spec.d_model, spec.signature
     settings = TrainSettings(
         store_dir=store.root,
         top_k=args.k,
@@ -120,11 +121,11 @@ def main() -> None:
     loader = TokenLoader(ActivationRun(store, run_id), layer, d, args.batch, settings.holdout_fraction, 0, 1 << 20)
     x_all = torch.cat([b.float() for b in loader.iter_epoch(0)]).to(args.device)  # the same tokens, in memory
 
-    bare = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr)
+    bare = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr[0])
     out = train_sae(settings, run_id, f"speed_{run_id}_k{args.k}_{time.strftime('%H%M%S')}")
     m = json.loads((out / "meta.json").read_text())
     ours = m["tokens_trained"] / m["elapsed_s"]
-    bare2 = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr)  # again, to bracket machine noise
+    bare2 = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr[0])  # again, to bracket machine noise
     print(
         json.dumps(
             {

@@ -6,11 +6,9 @@ of work: a rerun skips the ones on disk, an array task takes every N-th, a stop 
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -18,27 +16,11 @@ from tqdm import tqdm
 
 from sae_pipeline.data import load_texts
 from sae_pipeline.errors import PipelineError
-from sae_pipeline.layers import resolve_signature
+from sae_pipeline.layers import hf_module_path, resolve_signature
 from sae_pipeline.model import DTYPES, load_config, load_language_model, num_layers, resolve_device, resolve_dtype
 from sae_pipeline.preemption import StopFlag, StopRequested
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.store import FORMAT_VERSION, ActivationRun, Store, new_run_id, package_versions, validate_run_id
-
-# Settings that change what a run contains: a resume must match them exactly.
-RUN_DEFINING_KEYS = (
-    "model_id",
-    "layer_signature",
-    "hook_side",
-    "model_dtype",
-    "store_dtype",
-    "keep_special_tokens",
-    "max_length",
-    "docs_per_shard",
-    "dataset",
-    "n_documents",
-    "n_shards",
-    "d_model",
-)
+from sae_pipeline.store import ActivationRun, LayerSpec, Store, block_index, new_run_id, validate_run_id
 
 
 class _StopForward(Exception):
@@ -147,6 +129,12 @@ class Capturer:
             )
         return captured.cpu()
 
+    def prepends_bos(self) -> bool:
+        """Whether the tokenizer starts every document with BOS (recorded for SAELens' ``prepend_bos``)."""
+        bos = self.tokenizer.bos_token_id
+        ids = self.tokenizer("probe")["input_ids"]
+        return bos is not None and bool(ids) and ids[0] == bos
+
     def width(self) -> int:
         """d_model as the hook sees it (one short forward): measured, not read from a config that may not apply."""
         ids, mask = pad_batch(
@@ -181,89 +169,6 @@ class Capturer:
         return activations[in_doc_order], provenance[in_doc_order]
 
 
-def _manifest(
-    settings: CaptureSettings,
-    run_id: str,
-    signature: str,
-    d_model: int,
-    model_dtype: torch.dtype,
-    n_documents: int,
-    n_layers: int | None,
-    special_ids: list[int],
-) -> dict[str, Any]:
-    n_shards = math.ceil(n_documents / settings.docs_per_shard)
-    return {
-        "kind": "activations",
-        "format_version": FORMAT_VERSION,
-        "status": "capturing",
-        "run_id": run_id,
-        # mi_crow's own run keys, so its tools recognise the run
-        "run_name": run_id,
-        "model": settings.model_id,
-        "layer_signatures": [signature],
-        "num_layers": n_layers,
-        "options": {
-            "dtype": settings.store_dtype,
-            "max_length": settings.max_length,
-            "batch_size": settings.batch_size_save,
-            "stop_after_last_layer": True,
-        },
-        # ours: enough to use the run without the model
-        "model_id": settings.model_id,
-        "layer_signature": signature,
-        "hook_side": settings.hook_side,
-        "d_model": d_model,
-        "model_dtype": str(model_dtype).removeprefix("torch."),
-        "store_dtype": settings.store_dtype,
-        "keep_special_tokens": settings.keep_special_tokens,
-        "special_token_ids": special_ids,
-        "max_length": settings.max_length,
-        "docs_per_shard": settings.docs_per_shard,
-        "dataset": {
-            "name": settings.hf_dataset,
-            "split": settings.data_split,
-            "text_field": settings.text_field,
-            "limit": settings.data_limit,
-            "shuffle": settings.data_shuffle,
-            "shuffle_seed": settings.seed if settings.data_shuffle else None,
-        },
-        "n_documents": n_documents,
-        "n_shards": n_shards,
-        "provenance_columns": ["doc_index", "position", "token_id"],
-        "seed": settings.seed,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": package_versions(),
-    }
-
-
-def _check_same_run(old: dict[str, Any], new: dict[str, Any], run_id: str) -> None:
-    changed = [k for k in RUN_DEFINING_KEYS if old.get(k) != new.get(k)]
-    if changed:
-        diffs = "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
-        raise PipelineError(
-            f"run {run_id!r} exists with other settings ({diffs}); resume it with its own settings "
-            "or start a new run with another --run_id"
-        )
-
-
-def _finalize_if_complete(run: ActivationRun, store: Store) -> dict[str, Any] | None:
-    """Mark the run complete once every shard is on disk (whichever process gets there last) and point to it."""
-    meta = run.read_meta()
-    if not set(range(meta["n_shards"])) <= run.completed_shards():
-        return None
-    infos = [run.shard_info(i) for i in range(meta["n_shards"])]
-    meta.update(
-        status="complete",
-        n_tokens=sum(i["n_tokens"] for i in infos),
-        n_empty_documents=sum(i["n_empty"] for i in infos),
-        bytes=run.size_bytes(),
-        completed=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    run.write_meta(meta)
-    store.write_pointer(run.run_id)
-    return meta
-
-
 def save_activations(
     settings: CaptureSettings, run_id: str | None = None, stop: StopFlag | None = None
 ) -> CaptureSummary:
@@ -291,23 +196,27 @@ def save_activations(
     model_dtype = resolve_dtype(settings.model_dtype, device, config)
     lm = load_language_model(settings.model_id, settings.store_dir, device, model_dtype)
     names = lm.layers.get_layer_names()
-    signature = resolve_signature(names, settings.layer_num, settings.layer_signature, num_layers(config))
+    if len(settings.layer_num) > 1 or (settings.layer_signature and len(settings.layer_signature) > 1):
+        raise PipelineError("capturing several layers in one run is not supported yet; give one LAYER_NUM")
+    layer_signature = settings.layer_signature[0] if settings.layer_signature else None
+    signature = resolve_signature(names, settings.layer_num[0], layer_signature, num_layers(config))
 
     capturer = Capturer(lm, signature, settings)
     d_model = capturer.width()
-    manifest = _manifest(
+    layer = LayerSpec(signature, d_model, hf_module_path(lm.model, signature), block_index(signature))
+    manifest = ActivationRun.new_manifest(
         settings,
         run_id,
-        signature,
-        d_model,
-        model_dtype,
-        len(texts),
-        num_layers(config),
-        sorted(set(lm.tokenizer.all_special_ids)),
+        [layer],
+        model_dtype=str(model_dtype).removeprefix("torch."),
+        n_documents=len(texts),
+        n_layers=num_layers(config),
+        special_token_ids=sorted(set(lm.tokenizer.all_special_ids)),
+        prepend_bos=capturer.prepends_bos(),
     )
     if run.exists():
         old = run.read_meta()
-        _check_same_run(old, manifest, run_id)
+        run.check_same_run(old, manifest)
         if old.get("status") == "complete":
             store.write_pointer(run_id)
             print(
@@ -366,7 +275,7 @@ def save_activations(
                     f"rerun with --run_id {run_id} to continue"
                 )
 
-    final = _finalize_if_complete(run, store)
+    final = run.finalize_if_complete()
     summary = CaptureSummary(run_id, final is not None, n_tokens, written, n_empty, size, time.time() - started)
     _print_summary(summary, run, final, signature, d_model, settings)
     return summary

@@ -374,10 +374,11 @@ def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:
     sae = PipelineSae.load(sae_dir / MODEL_FILE, device)
     engine = sae.sae_engine.eval()
     d_in, n_latents = int(engine.W_dec.shape[1]), int(engine.W_dec.shape[0])
-    if d_in != int(act_meta["d_model"]):
+    width = {spec.signature: spec.d_model for spec in ActivationRun.layer_specs(act_meta)}.get(layer)
+    if d_in != width:
         raise PipelineError(
             f"{sae_dir / MODEL_FILE} has d_in={d_in}, but activation run {run.run_id!r} stores "
-            f"width {act_meta['d_model']} at {layer}; the SAE file does not belong to this run"
+            f"width {width} at {layer}; the SAE file does not belong to this run"
         )
 
     model_id = settings.model_id if "model_id" in settings.model_fields_set else act_meta["model_id"]

@@ -23,6 +23,16 @@ def layer_names(model: nn.Module) -> list[str]:
     return LanguageModelLayers(types.SimpleNamespace(model=model)).get_layer_names()
 
 
+def hf_module_path(model: nn.Module, signature: str) -> str | None:
+    """The dotted path of the module a hook name stands for (``model.layers.16.post_attention_layernorm``): the
+    name Hugging Face, SAELens and TransformerLens users know it by."""
+    prefix = type(model).__name__.lower()
+    for path, _ in model.named_modules():
+        if path and f"{prefix}_{path}".replace(".", "_") == signature:
+            return path
+    return None
+
+
 def site_names(names: list[str]) -> list[str]:
     """The seed's hook points, one per block, when the architecture has them (Llama, Mistral, Qwen, ...)."""
     return [n for n in names if n.endswith("_" + SITE)]

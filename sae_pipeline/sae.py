@@ -73,8 +73,11 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
         return self.dictionary._weights
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(x − b_dec) W_encᵀ + b_enc, written so autograd needs no [batch, n_latents] x [n_latents, d] input grad."""
-        return F.linear(x, self.W_enc, self.b_enc - self.W_enc @ self.b_dec)
+        """(x − b_dec) W_encᵀ + b_enc. Centring first keeps bf16 rounding relative to ‖x − b_dec‖, not to the
+        activations' (often much larger) mean; the zero-valued second term gives b_dec its gradient −W_encᵀ·1
+        without a [batch, n_latents] x [n_latents, d] matmul for the input's gradient."""
+        b_dec = self.b_dec.detach()
+        return F.linear(x - b_dec, self.W_enc, self.b_enc) - self.W_enc @ (self.b_dec - b_dec)
 
     def select(self, pre: torch.Tensor) -> torch.Tensor:
         """Sparse codes from pre-activations: ReLU then TopK per token, or BatchTopK over the batch."""

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sae_pipeline.errors import PipelineError
 
@@ -21,6 +21,25 @@ def default_store_dir() -> Path:
     """``$SCRATCH/sae_store`` on clusters that define SCRATCH, else ``./store`` (the seed's rule)."""
     scratch = os.environ.get("SCRATCH")
     return Path(scratch) / "sae_store" if scratch else Path("store")
+
+
+def _as_list(value: Any) -> list[Any]:
+    """``8,16,24`` from the environment, or a Python value; a single value is a list of one."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",")]
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _distinct(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"lists {', '.join(map(str, repeated))} more than once")
+    return values
+
+
+def ListOf(item: Any) -> Any:  # noqa: N802 (a type factory)
+    """A comma-separated list variable (sweeps): ``TOP_K=16,32,64``; one value is a list of one."""
+    return Annotated[tuple[item, ...], NoDecode, BeforeValidator(_as_list), AfterValidator(_distinct)]
 
 
 class CommonSettings(BaseSettings):
@@ -43,11 +62,19 @@ class CommonSettings(BaseSettings):
     model_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the model runs in; auto = checkpoint dtype on GPU, float32 on CPU"
     )
-    layer_num: int = Field(16, ge=0, description="transformer block whose post_attention_layernorm is hooked")
-    layer_signature: str | None = Field(
-        None, min_length=1, description="full mi_crow hook name; overrides LAYER_NUM (any architecture)"
+    layer_num: ListOf(Annotated[int, Field(ge=0)]) = Field(
+        16,
+        min_length=1,
+        validate_default=True,
+        description="transformer block(s) whose post_attention_layernorm is hooked; a list (8,16,24) captures or "
+        "trains several",
     )
-    seed: int = Field(42, ge=0, description="seed for every random choice (shuffles, SAE init)")
+    layer_signature: ListOf(Annotated[str, Field(min_length=1)]) | None = Field(
+        None, min_length=1, description="full mi_crow hook name(s); overrides LAYER_NUM (any architecture)"
+    )
+    seed: int = Field(
+        42, ge=0, description="seed of the dataset shuffle (DATA_SHUFFLE); in step 2 of each SAE's initialisation"
+    )
     run_id: str | None = Field(
         None,
         min_length=1,
@@ -117,19 +144,40 @@ class CaptureSettings(CommonSettings):
 class TrainSettings(CommonSettings):
     """Variables of step 2 (02_train_sae.py). Defaults were chosen by benchmarks/train_quality.py (RESULTS.md)."""
 
-    n_latents_multiplier: int = Field(4, ge=1, description="SAE latents = d_model x this")
-    top_k: int = Field(8, ge=1, description="active latents per token (must be below the number of latents)")
-    sae_architecture: Literal["topk", "batchtopk"] = Field(
+    # Sweep axes: each accepts a comma-separated list and step 2 trains every combination in one pass.
+    n_latents_multiplier: ListOf(Annotated[int, Field(ge=1)]) = Field(
+        4, min_length=1, validate_default=True, description="SAE latents = d_model x this"
+    )
+    top_k: ListOf(Annotated[int, Field(ge=1)]) = Field(
+        8,
+        min_length=1,
+        validate_default=True,
+        description="active latents per token (must be below the number of latents)",
+    )
+    sae_architecture: ListOf(Literal["topk", "batchtopk"]) = Field(
         "topk",
+        min_length=1,
+        validate_default=True,
         description="topk = k latents per token; batchtopk = k per token on average over a batch, "
         "with a threshold learned for inference",
+    )
+    seed: ListOf(Annotated[int, Field(ge=0)]) = Field(
+        42, min_length=1, validate_default=True, description="seed of each SAE's initialisation"
+    )
+    lr: ListOf(Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]) = Field(
+        6e-3,
+        min_length=1,
+        validate_default=True,
+        description="peak learning rate (Adam); chosen by the sweep in benchmarks/RESULTS.md",
+    )
+    data_seed: int | None = Field(
+        None,
+        ge=0,
+        description="seed of the training-token order, shared by every SAE of a sweep (default: SEED's first)",
     )
     epochs: int = Field(10, ge=1, description="passes over the training tokens")
     batch_size_train: int = Field(
         4096, ge=1, description="tokens per optimisation step (the seed used 32, far too few for a good SAE)"
-    )
-    lr: float = Field(
-        6e-3, gt=0, le=1, description="peak learning rate (Adam); chosen by the sweep in benchmarks/RESULTS.md"
     )
     lr_warmup_fraction: float = Field(
         0.05, ge=0, le=0.5, description="fraction of the steps with a linear learning-rate warm-up"
@@ -138,10 +186,13 @@ class TrainSettings(CommonSettings):
         0.2, ge=0, le=1, description="fraction of the steps at the end with a linear decay to 0"
     )
     l1_lambda: float = Field(
-        1e-4, ge=0, description="L1 penalty on the mean code value (optional for TopK; 0 disables)"
+        1e-4, ge=0, allow_inf_nan=False, description="L1 penalty on the mean code value (optional for TopK; 0 disables)"
     )
     auxk_alpha: float = Field(
-        1 / 32, ge=0, description="weight of the AuxK loss that revives dead latents (Gao et al. 2024; 0 disables)"
+        1 / 32,
+        ge=0,
+        allow_inf_nan=False,
+        description="weight of the AuxK loss that revives dead latents (Gao et al. 2024; 0 disables)",
     )
     dead_tokens_window: int = Field(
         10_000_000,
@@ -149,7 +200,9 @@ class TrainSettings(CommonSettings):
         description="a latent is dead if it did not fire in this many training tokens "
         "(capped at a tenth of all tokens trained on, so short runs get one)",
     )
-    grad_clip: float = Field(1.0, ge=0, description="gradient-norm clipping threshold (0 disables)")
+    grad_clip: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="gradient-norm clipping threshold (0 disables)"
+    )
     amp_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="autocast dtype on CUDA (float32 disables autocast; CPU always runs float32)"
     )
@@ -170,13 +223,6 @@ class TrainSettings(CommonSettings):
         None, min_length=1, description="log metrics to this W&B project (unset: nothing is sent)"
     )
     sae_run_id: str | None = Field(None, min_length=1, description="training run id (default: a fresh one)")
-
-    @field_validator("lr", "auxk_alpha", "grad_clip", "l1_lambda")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("must be a finite number")
-        return value
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainSettings:
@@ -199,7 +245,8 @@ def load_settings(cls: type[BaseSettings]) -> BaseSettings:
         name = str(err["loc"][0]).upper()
         field = cls.model_fields.get(name.lower())
         hint = f" ({field.description})" if field is not None and field.description else ""
-        raise PipelineError(f"{name}={os.environ.get(name, '')!r} is not valid: {err['msg']}{hint}") from None
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise PipelineError(f"{name}={os.environ.get(name, '')!r} is not valid: {message}{hint}") from None
 
 
 class EvalSettings(CommonSettings):

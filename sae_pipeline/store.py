@@ -25,8 +25,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -34,13 +35,31 @@ from safetensors.torch import load_file, save_file
 
 from sae_pipeline.errors import PipelineError, StorageError, storage_error, storage_errors
 
+if TYPE_CHECKING:
+    from sae_pipeline.settings import CaptureSettings
+
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_FILE = "run_id.txt"
 SAE_RUN_ID_FILE = "sae_run_id.txt"
 META_FILE = "meta.json"
 PROVENANCE_KEY = "tokens"
 PROVENANCE_COLUMNS = ("doc_index", "position", "token_id")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer entries under "layers" (1 had one "layer_signature" and "d_model")
+BLOCK_INDEX = re.compile(r"_(?:layers|layer|h|blocks|block)_(\d+)(?:_|$)")
+# Settings that change what an activation run contains: a resume must match them exactly.
+RUN_DEFINING_KEYS = (
+    "model_id",
+    "layers",
+    "hook_side",
+    "model_dtype",
+    "store_dtype",
+    "keep_special_tokens",
+    "max_length",
+    "docs_per_shard",
+    "dataset",
+    "n_documents",
+    "n_shards",
+)
 
 
 def validate_run_id(run_id: str, what: str = "--run_id") -> str:
@@ -162,6 +181,35 @@ class Store:
         atomic_write_text(self.root / name, run_id + "\n")
 
 
+def block_index(signature: str) -> int | None:
+    """The transformer block a hook name lies in (``..._layers_16_post_attention_layernorm`` -> 16), if any."""
+    found = BLOCK_INDEX.search(signature)
+    return int(found.group(1)) if found else None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One hook point of an activation run: its mi_crow signature (the shard subfolder), the module's path in the
+    Hugging Face model, its block index when it lies in a numbered block, and the width it produces."""
+
+    signature: str
+    d_model: int
+    hf_module: str | None = None
+    layer_num: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "signature": self.signature,
+            "hf_module": self.hf_module,
+            "layer_num": self.layer_num,
+            "d_model": self.d_model,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> LayerSpec:
+        return cls(str(obj["signature"]), int(obj["d_model"]), obj.get("hf_module"), obj.get("layer_num"))
+
+
 class ActivationRun:
     """One activation run: its manifest and its shards."""
 
@@ -184,6 +232,98 @@ class ActivationRun:
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic_write_json(self.meta_path, meta)
+
+    @staticmethod
+    def layer_specs(meta: dict[str, Any]) -> list[LayerSpec]:
+        """The hooked layers of a manifest, in capture order (format 1 manifests hold one, without hf_module)."""
+        if "layers" in meta:
+            return [LayerSpec.from_json(layer) for layer in meta["layers"]]
+        sig = str(meta["layer_signature"])
+        return [LayerSpec(sig, int(meta["d_model"]), None, meta.get("layer_num", block_index(sig)))]
+
+    @staticmethod
+    def new_manifest(
+        settings: CaptureSettings,
+        run_id: str,
+        layers: list[LayerSpec],
+        *,
+        model_dtype: str,
+        n_documents: int,
+        n_layers: int | None,
+        special_token_ids: list[int],
+        prepend_bos: bool,
+    ) -> dict[str, Any]:
+        """The manifest of a new run (status "capturing"); the one builder, used by capture and by test fixtures."""
+        return {
+            "kind": "activations",
+            "format_version": FORMAT_VERSION,
+            "status": "capturing",
+            "run_id": run_id,
+            # mi_crow's own run keys, so its tools recognise the run
+            "run_name": run_id,
+            "model": settings.model_id,
+            "layer_signatures": [layer.signature for layer in layers],
+            "num_layers": n_layers,
+            "options": {
+                "dtype": settings.store_dtype,
+                "max_length": settings.max_length,
+                "batch_size": settings.batch_size_save,
+                "stop_after_last_layer": True,
+            },
+            # ours: enough to use the run without the model
+            "model_id": settings.model_id,
+            "layers": [layer.to_json() for layer in layers],
+            "hook_side": settings.hook_side,
+            "model_dtype": model_dtype,
+            "store_dtype": settings.store_dtype,
+            "keep_special_tokens": settings.keep_special_tokens,
+            "special_token_ids": special_token_ids,
+            "prepend_bos": prepend_bos,
+            "max_length": settings.max_length,
+            "docs_per_shard": settings.docs_per_shard,
+            "dataset": {
+                "name": settings.hf_dataset,
+                "split": settings.data_split,
+                "text_field": settings.text_field,
+                "limit": settings.data_limit,
+                "shuffle": settings.data_shuffle,
+                "shuffle_seed": settings.seed if settings.data_shuffle else None,
+            },
+            "n_documents": n_documents,
+            "n_shards": -(-n_documents // settings.docs_per_shard),
+            "provenance_columns": list(PROVENANCE_COLUMNS),
+            "seed": settings.seed,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "versions": package_versions(),
+        }
+
+    def check_same_run(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """A resume must capture what the run holds: every run-defining setting equal."""
+        changed = [k for k in RUN_DEFINING_KEYS if old.get(k) != new.get(k)]
+        if changed:
+            diffs = "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
+            raise PipelineError(
+                f"run {self.run_id!r} exists with other settings ({diffs}); resume it with its own settings "
+                "or start a new run with another --run_id"
+            )
+
+    def finalize_if_complete(self) -> dict[str, Any] | None:
+        """Mark the run complete once every shard is on disk (whichever process gets there last) and point
+        STORE_DIR/run_id.txt to it; None while shards are missing."""
+        meta = self.read_meta()
+        if not set(range(meta["n_shards"])) <= self.completed_shards():
+            return None
+        infos = [self.shard_info(i) for i in range(meta["n_shards"])]
+        meta.update(
+            status="complete",
+            n_tokens=sum(i["n_tokens"] for i in infos),
+            n_empty_documents=sum(i["n_empty"] for i in infos),
+            bytes=self.size_bytes(),
+            completed=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        self.write_meta(meta)
+        self.store.write_pointer(self.run_id)
+        return meta
 
     def is_complete(self) -> bool:
         return self.exists() and self.read_meta().get("status") == "complete"

@@ -45,6 +45,7 @@ from sae_pipeline.store import (
     META_FILE,
     RUN_ID_FILE,
     SAE_RUN_ID_FILE,
+    ActivationRun,
     Store,
     atomic_write_json,
     new_run_id,
@@ -90,12 +91,26 @@ def train_sae(
     store = Store(settings.store_dir)
     run_id = validate_run_id(run_id or settings.run_id or store.read_pointer(RUN_ID_FILE))
     run, act_meta = open_complete_run(store, run_id)
-    layer, d_in = act_meta["layer_signature"], int(act_meta["d_model"])
-    n_latents = d_in * settings.n_latents_multiplier
-    if settings.top_k >= n_latents:
+    if (
+        max(
+            map(
+                len,
+                (settings.top_k, settings.n_latents_multiplier, settings.sae_architecture, settings.seed, settings.lr),
+            )
+        )
+        > 1
+    ):
+        raise PipelineError("sweeps (lists of values) are not supported yet; give one value per variable")
+    specs = ActivationRun.layer_specs(act_meta)
+    if len(specs) > 1:
+        raise PipelineError("training on a run of several layers is not supported yet")
+    layer, d_in = specs[0].signature, specs[0].d_model
+    data_seed = settings.data_seed if settings.data_seed is not None else settings.seed[0]
+    n_latents = d_in * settings.n_latents_multiplier[0]
+    if settings.top_k[0] >= n_latents:
         raise PipelineError(
-            f"TOP_K={settings.top_k} is not valid: use 1..{n_latents - 1} (below n_latents = "
-            f"d_model {d_in} x N_LATENTS_MULTIPLIER {settings.n_latents_multiplier})"
+            f"TOP_K={settings.top_k[0]} is not valid: use 1..{n_latents - 1} (below n_latents = "
+            f"d_model {d_in} x N_LATENTS_MULTIPLIER {settings.n_latents_multiplier[0]})"
         )
     sae_run_id = validate_run_id(sae_run_id or settings.sae_run_id or new_run_id("sae"), "--sae_run_id")
     out = store.run_dir(sae_run_id)
@@ -121,7 +136,7 @@ def train_sae(
         d_in,
         settings.batch_size_train,
         settings.holdout_fraction,
-        settings.seed,
+        data_seed,
         settings.shuffle_buffer_tokens,
         dist.rank,
         dist.world_size,
@@ -135,10 +150,10 @@ def train_sae(
         "n_latents": n_latents,
     }
 
-    sae = PipelineSae(n_latents, d_in, settings.top_k, settings.sae_architecture)
+    sae = PipelineSae(n_latents, d_in, settings.top_k[0], settings.sae_architecture[0])
     sae.context.lm_layer_signature, sae.context.model_id = layer, act_meta.get("model_id")
     eng: BiasedTopKEngine = sae.to_device(device).sae_engine
-    opt = torch.optim.Adam(eng.parameters(), lr=settings.lr, fused=device.type == "cuda")
+    opt = torch.optim.Adam(eng.parameters(), lr=settings.lr[0], fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps, settings.lr_warmup_fraction, settings.lr_decay_fraction)
     )
@@ -180,8 +195,8 @@ def train_sae(
                 file=sys.stderr,
             )
     else:
-        torch.manual_seed(settings.seed)
-        eng.initialize(geometric_median(loader.sample(B_DEC_SAMPLE_TOKENS).float()), settings.seed)
+        torch.manual_seed(settings.seed[0])
+        eng.initialize(geometric_median(loader.sample(B_DEC_SAMPLE_TOKENS).float()), settings.seed[0])
         dist.broadcast_module(eng)  # rank 0's b_dec (from its own sample) on every rank
         if dist.is_main:
             _write_meta(
@@ -336,7 +351,7 @@ def train_sae(
         out / "saelens",
         hook_name=layer,
         model_name=str(act_meta.get("model_id")),
-        hook_layer=act_meta.get("layer_num"),
+        hook_layer=specs[0].layer_num,
         extra={"sae_run_id": sae_run_id, "activation_run_id": run_id},
     )
     atomic_write_json(out / "history.json", history)
@@ -352,8 +367,8 @@ def train_sae(
             "hook_side": act_meta.get("hook_side"),
             "d_in": d_in,
             "n_latents": n_latents,
-            "k": settings.top_k,
-            "architecture": settings.sae_architecture,
+            "k": settings.top_k[0],
+            "architecture": settings.sae_architecture[0],
             "settings": settings.model_dump(mode="json"),
             "dead_tokens_window_used": window,
             "k_aux": k_aux,
@@ -378,7 +393,7 @@ def train_sae(
     store.write_pointer(sae_run_id, SAE_RUN_ID_FILE)
     ckpt_path.unlink(missing_ok=True)
     print(
-        f"Trained SAE {sae_run_id}: {settings.sae_architecture} with {n_latents} latents (k={settings.top_k}) on "
+        f"Trained SAE {sae_run_id}: {settings.sae_architecture[0]} with {n_latents} latents (k={settings.top_k[0]}) on "
         f"layer {layer} of activation run {run_id}, {state['step']} steps over {settings.epochs} epochs "
         f"({state['tokens']:,} tokens, {state['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed:.0f} s on "
         f"{device}). Held-out ({loader.n_holdout:,} tokens): FVU {holdout['fvu']:.4f}, L0 {holdout['l0']:.1f}, "
@@ -500,8 +515,11 @@ def _finished(out: Path, sae_run_id: str) -> bool:
 
 
 def _check_same_config(saved: dict[str, Any], current: dict[str, Any], sae_run_id: str) -> None:
+    def shown(value: Any) -> str:  # as the variable is written: TOP_K=16,32
+        return ",".join(map(str, value)) if isinstance(value, list | tuple) else repr(value)
+
     diffs = [
-        f"{k.upper()}={current.get(k)!r} (checkpoint: {saved.get(k)!r})"
+        f"{k.upper()}={shown(current.get(k))} (checkpoint: {shown(saved.get(k))})"
         for k in sorted(set(saved) | set(current))
         if saved.get(k) != current.get(k)
     ]

@@ -165,14 +165,11 @@ class TokenLoader:
         """Batches ``start_step``.. of ``epoch`` (this rank's part of each step, BATCH_SIZE_TRAIN / world_size
         tokens); the next group is read in the background while one is consumed."""
         batch_size = self.local_batch
-        skip = start_step * batch_size
-        todo = []
-        for g, group in enumerate(self.groups(epoch)):
-            n = sum(s.n_train for s in group)
-            if skip >= n:
-                skip -= n
-                continue
-            todo.append((g, group))
+        skip = start_step * batch_size  # tokens already trained on: whole leading groups, then part of one
+        todo = list(enumerate(self.groups(epoch)))
+        while todo and skip >= (n := sum(p.n_train for p in todo[0][1])):
+            skip -= n
+            todo.pop(0)
         if not todo:
             return
         pending: list[torch.Tensor] = []

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.store import ActivationRun, Store
+from sae_pipeline.settings import CaptureSettings
+from sae_pipeline.store import ActivationRun, LayerSpec, Store
 
 LAYER = "llamaforcausallm_model_layers_1_post_attention_layernorm"
 
@@ -34,44 +35,52 @@ def make_run(
     dtype: torch.dtype = torch.float32,
     tokens: torch.Tensor | None = None,
     seed: int = 0,
-    write_pointer: bool = True,
 ) -> ActivationRun:
-    """A complete activation run; ``tokens`` (default synthetic) is split into shards of ``shard_sizes``."""
+    """A complete activation run written by the store's own manifest builder and shard writer; ``tokens`` (default
+    synthetic) is split into shards of ``shard_sizes``, 16 tokens per document."""
     store = Store(Path(store_dir))
     run = ActivationRun(store, run_id)
-    run.dir.mkdir(parents=True, exist_ok=True)
     total = sum(shard_sizes)
     if tokens is None:
         tokens = synthetic_tokens(total, d, seed)
     assert tokens.shape == (total, d)
+    docs_per_shard = max(shard_sizes) // 16 + 1
+    settings = CaptureSettings(
+        model_id="tiny/test-model",
+        hf_dataset="synthetic",
+        store_dir=store.root,
+        max_length=16,
+        docs_per_shard=docs_per_shard,
+        data_limit=docs_per_shard * len(shard_sizes),
+        store_dtype=str(dtype).removeprefix("torch."),
+        seed=seed,
+    )
+    layer = LayerSpec(LAYER, d, "model.layers.1.post_attention_layernorm", 1)
+    run.write_meta(
+        ActivationRun.new_manifest(
+            settings,
+            run_id,
+            [layer],
+            model_dtype="float32",
+            n_documents=settings.data_limit,
+            n_layers=4,
+            special_token_ids=[0, 1, 2],
+            prepend_bos=True,
+        )
+    )
     start = 0
     for i, n in enumerate(shard_sizes):
         acts = tokens[start : start + n].to(dtype)
-        prov = torch.stack([torch.arange(start, start + n) // 16, torch.arange(n) % 16, torch.full((n,), 7)], dim=1).to(
-            torch.int32
-        )
-        run.write_shard(i, LAYER, acts, prov, {"n_tokens": n, "n_documents": n // 16 + 1})
-        start += n
-    run.write_meta(
-        {
-            "kind": "activations",
-            "status": "complete",
-            "run_id": run_id,
-            "model_id": "tiny/test-model",
-            "layer_signature": LAYER,
-            "hook_side": "output",
-            "d_model": d,
-            "store_dtype": str(dtype).removeprefix("torch."),
-            "n_tokens": total,
-            "n_shards": len(shard_sizes),
-            "n_documents": total // 16,
-            "dataset": {"name": "synthetic"},
-            "max_length": 16,
-            "seed": seed,
-            "versions": {},
-            "layer_num": 1,
+        doc = i * docs_per_shard + torch.arange(n) // 16
+        prov = torch.stack([doc, torch.arange(n) % 16, torch.full((n,), 7)], dim=1).to(torch.int32)
+        info = {
+            "index": i,
+            "doc_start": i * docs_per_shard,
+            "doc_stop": (i + 1) * docs_per_shard,
+            "n_tokens": n,
+            "n_empty": 0,
         }
-    )
-    if write_pointer:
-        store.write_pointer(run_id)
+        run.write_shard(i, LAYER, acts, prov, info)
+        start += n
+    assert run.finalize_if_complete() is not None
     return run

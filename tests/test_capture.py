@@ -34,7 +34,7 @@ def settings(tiny_model, store_dir, **over) -> CaptureSettings:
 
 def read_run(store_dir, run_id):
     run, meta = open_complete_run(Store(store_dir), run_id)
-    shards = [run.read_shard(i, meta["layer_signature"]) for i in range(meta["n_shards"])]
+    shards = [run.read_shard(i, meta["layer_signatures"][0]) for i in range(meta["n_shards"])]
     return meta, torch.cat([a for a, _ in shards]), torch.cat([p for _, p in shards])
 
 

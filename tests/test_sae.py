@@ -121,3 +121,34 @@ def test_plain_mi_crow_file_loads_with_zero_decoder_bias(tmp_path):
     plain.sae_engine.eval(), ours.sae_engine.eval()
     x = torch.randn(7, 8)
     torch.testing.assert_close(ours.encode(x), plain.encode(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [5.0, 50.0])
+def test_bf16_autocast_codes_agree_with_float32_on_offset_activations(offset):
+    """Llama activations have a mean far larger than their spread: under bf16 autocast (CUDA's default) the codes
+    must still be the ones float32 computes, the ones evaluation and the exports use."""
+    torch.manual_seed(1)
+    d, n_latents, k = 64, 512, 16
+    centre = torch.randn(d) * offset
+    x = centre + torch.randn(4096, d)
+    sae = PipelineSae(n_latents, d, k)
+    eng = sae.sae_engine
+    eng.initialize(centre + 0.1 * torch.randn(d), seed=0)
+    _, z32, _ = eng(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, z16, _ = eng(x)
+    same = ((z32 != 0) & (z16 != 0)).sum() / (z32 != 0).sum()
+    assert same >= 0.99, f"top-k agreement {float(same):.3f} at an offset of {offset}x the spread"
+
+
+def test_b_dec_gets_its_gradient_through_the_centred_encoder():
+    sae = _random_sae()
+    eng = sae.sae_engine
+    x = torch.randn(32, 24) * 2 + 1
+    pre = eng.pre_acts(x)
+    b_dec = eng.b_dec.detach().clone().requires_grad_(True)
+    reference = (x - b_dec) @ eng.W_enc.T + eng.b_enc
+    weights = torch.randn_like(pre)
+    (pre * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(eng.b_dec.grad, b_dec.grad)

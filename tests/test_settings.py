@@ -41,14 +41,14 @@ SEED_DEFAULTS_CAPTURE = {
     "data_limit": 10000,
     "max_length": 128,
     "batch_size_save": 16,
-    "layer_num": 16,
+    "layer_num": (16,),
 }
 SEED_DEFAULTS_TRAIN = {
     "model_id": "speakleash/Bielik-1.5B-v3.0-Instruct",
     "device": "auto",
-    "layer_num": 16,
-    "n_latents_multiplier": 4,
-    "top_k": 8,
+    "layer_num": (16,),
+    "n_latents_multiplier": (4,),
+    "top_k": (8,),
     "epochs": 10,
     "l1_lambda": 1e-4,
 }
@@ -74,7 +74,7 @@ def test_train_defaults_are_the_seeds(clean_env):
 def test_lr_default_is_sane(clean_env):
     """The seed's LR is 1e-3; settings.py now defaults to a value chosen by the training benchmark (issue 3 allows a
     measured default), so only a sane Adam range is pinned here."""
-    lr = load_settings(TrainSettings).lr
+    (lr,) = load_settings(TrainSettings).lr
     assert isinstance(lr, float) and 1e-5 <= lr <= 1e-2
 
 
@@ -149,8 +149,8 @@ def test_env_overrides_capture(clean_env, tmp_path):
         "validation",
         "body",
     )
-    assert (s.data_limit, s.max_length, s.batch_size_save, s.layer_num, s.seed) == (7, 64, 3, 0, 5)
-    assert (s.layer_signature, s.store_dtype, s.data_shuffle) == ("x_y", "float32", True)
+    assert (s.data_limit, s.max_length, s.batch_size_save, s.layer_num, s.seed) == (7, 64, 3, (0,), 5)
+    assert (s.layer_signature, s.store_dtype, s.data_shuffle) == (("x_y",), "float32", True)
 
 
 def test_env_overrides_train(clean_env):
@@ -166,8 +166,8 @@ def test_env_overrides_train(clean_env):
     for k, v in env.items():
         clean_env.setenv(k, v)
     s = load_settings(TrainSettings)
-    assert (s.n_latents_multiplier, s.top_k, s.epochs, s.batch_size_train) == (8, 32, 3, 64)
-    assert s.lr == pytest.approx(5e-4) and s.l1_lambda == 0 and s.device == "cuda:1"
+    assert (s.n_latents_multiplier, s.top_k, s.epochs, s.batch_size_train) == ((8,), (32,), 3, 64)
+    assert s.lr == pytest.approx((5e-4,)) and s.l1_lambda == 0 and s.device == "cuda:1"
 
 
 def test_settings_are_frozen(clean_env):
@@ -221,6 +221,14 @@ BAD = [
     (CaptureSettings, "SEED", "-1"),
     (CaptureSettings, "DATA_SHUFFLE", "maybe"),
     (CommonSettings, "LAYER_NUM", "-1"),
+    (CommonSettings, "LAYER_NUM", "8,16,8"),
+    (CommonSettings, "LAYER_NUM", "8,,16"),
+    (CommonSettings, "LAYER_NUM", "8;16"),
+    (TrainSettings, "TOP_K", "16,abc"),
+    (TrainSettings, "SAE_ARCHITECTURE", "topk,relu"),
+    (TrainSettings, "LR", "1e-3,inf"),
+    (TrainSettings, "SEED", "1,1"),
+    (TrainSettings, "DATA_SEED", "-2"),
 ]
 
 
@@ -248,7 +256,7 @@ def test_bad_value_message_says_what_is_valid(clean_env):
 
 def test_lowercase_variables_are_read_too(clean_env):
     clean_env.setenv("top_k", "12")
-    assert load_settings(TrainSettings).top_k == 12
+    assert load_settings(TrainSettings).top_k == (12,)
 
 
 def test_train_variables_do_not_break_capture(clean_env):
@@ -310,3 +318,29 @@ def test_task_id_past_count_is_an_error(clean_env):
 def test_array_does_not_affect_training(clean_env):
     clean_env.setenv("SLURM_ARRAY_TASK_ID", "1")
     assert not hasattr(load_settings(TrainSettings), "capture_task_id")
+
+
+# ---------------------------------------------------------------------------------------------------- sweep lists
+
+
+def test_list_variables_take_comma_separated_values(clean_env):
+    for name, value in {
+        "LAYER_NUM": "8, 16,24",
+        "TOP_K": "16,32,64",
+        "SEED": "1,2",
+        "LR": "1e-3,4e-3",
+        "SAE_ARCHITECTURE": "topk,batchtopk",
+        "N_LATENTS_MULTIPLIER": "4",
+    }.items():
+        clean_env.setenv(name, value)
+    s = load_settings(TrainSettings)
+    assert s.layer_num == (8, 16, 24) and s.top_k == (16, 32, 64) and s.seed == (1, 2)
+    assert s.lr == (1e-3, 4e-3) and s.sae_architecture == ("topk", "batchtopk") and s.n_latents_multiplier == (4,)
+    assert s.data_seed is None
+    assert TrainSettings(top_k=4, seed=[3, 5]).top_k == (4,) and TrainSettings(seed=[3, 5]).seed == (3, 5)
+
+
+def test_a_repeated_list_value_is_named(clean_env):
+    clean_env.setenv("TOP_K", "16,32,16")
+    with pytest.raises(PipelineError, match=r"^TOP_K='16,32,16' is not valid: lists 16 more than once"):
+        load_settings(TrainSettings)

@@ -59,14 +59,36 @@ def test_seed_reproduces_and_another_seed_differs(run):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_resume_position_continues_the_same_sequence(run):
-    loader = _loader(run)
-    full = list(loader.iter_epoch(1))
-    for start in (0, 1, 5, 11, len(full) - 1, len(full)):
-        rest = list(loader.iter_epoch(1, start_step=start))
-        assert len(rest) == len(full) - start
-        for a, b in zip(rest, full[start:]):
-            assert torch.equal(a, b)
+# (shard sizes, SHUFFLE_BUFFER_TOKENS, batch, world size): a smaller last group, one shard per group, several shards
+# per group, groups of each rank's range; batches that do and do not divide the groups
+RESUME_LAYOUTS = {
+    "smaller-last-group": ((300, 950, 950, 700, 350), 1000, 256, 1),
+    "one-shard-per-group": ((300, 500, 900, 400, 300), 10, 100, 1),
+    "several-shards-per-group": ((120, 80, 200, 90, 150, 60, 110), 400, 64, 1),
+    "group-per-rank-2": ((300, 950, 950, 700, 350), 700, 128, 2),
+    "group-per-rank-3": ((150, 260, 440, 205, 165, 300, 220), 250, 96, 3),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(RESUME_LAYOUTS))
+def test_a_resume_at_any_step_of_any_epoch_replays_exactly_the_rest(tmp_path, layout):
+    """What a killed and resumed run trains on: from every start step of several epochs, the very batches the
+    uninterrupted epoch yields from that step on, for every rank, whatever the groups look like."""
+    sizes, buffer, batch, world = RESUME_LAYOUTS[layout]
+    ids = torch.arange(sum(sizes), dtype=torch.float32)[:, None].repeat(1, 8)
+    run = make_run(tmp_path, shard_sizes=sizes, d=8, tokens=ids)
+    for rank in range(world):
+        loader = TokenLoader(run, LAYER, 8, batch, 0.1, 0, buffer, rank, world)
+        group_sizes = [sum(p.n_train for p in g) for g in loader.groups(0)]
+        assert len(group_sizes) > 1
+        for epoch in range(3):
+            full = list(loader.iter_epoch(epoch))
+            assert len(full) == loader.steps_per_epoch
+            for start in range(len(full) + 1):
+                rest = list(loader.iter_epoch(epoch, start_step=start))
+                assert len(rest) == len(full) - start, (rank, epoch, start)
+                for step, (a, b) in enumerate(zip(rest, full[start:])):
+                    assert torch.equal(a, b), (rank, epoch, start, step)
 
 
 def test_memory_is_bounded_by_the_shuffle_buffer(run):

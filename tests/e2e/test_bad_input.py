@@ -287,7 +287,7 @@ def test_golden_store_is_what_the_cases_assume(golden):
     store = Store(root)
     good = ActivationRun(store, "good")
     meta = good.read_meta()
-    assert good.is_complete() and meta["layer_signature"] == SITE2 and meta["d_model"] == 64
+    assert good.is_complete() and [(x["signature"], x["d_model"]) for x in meta["layers"]] == [(SITE2, 64)]
     assert not ActivationRun(store, "partial").is_complete()
     loader = StoreDataloader(LocalStore(base_path=root), "good", SITE2, batch_size=1000, dtype=torch.float32)
     acts = torch.cat(list(loader))

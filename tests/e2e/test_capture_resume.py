@@ -27,7 +27,7 @@ def slower_model(tmp_path_factory):
 
 def all_shards(store_dir, run_id):
     run, meta = open_complete_run(Store(store_dir), run_id)
-    return meta, [run.read_shard(i, meta["layer_signature"]) for i in range(meta["n_shards"])]
+    return meta, [run.read_shard(i, meta["layer_signatures"][0]) for i in range(meta["n_shards"])]
 
 
 def start(env, run_id):

@@ -28,10 +28,10 @@ def test_demo_command_end_to_end_and_mi_crow_reads_the_outputs(tmp_path):
     run_id = (store / "run_id.txt").read_text().strip()
     meta = json.loads((store / "runs" / run_id / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["n_empty_documents"] == 3
-    loader = StoreDataloader(LocalStore(base_path=store), run_id, meta["layer_signature"], batch_size=1000)
+    loader = StoreDataloader(LocalStore(base_path=store), run_id, meta["layer_signatures"][0], batch_size=1000)
     batches = list(loader)
     assert sum(b.shape[0] for b in batches) == meta["n_tokens"] > 10_000
-    assert all(b.shape[1] == meta["d_model"] == 128 for b in batches)
+    assert all(b.shape[1] == meta["layers"][0]["d_model"] == 128 for b in batches)
 
     sae_dir = store / "runs" / (store / "sae_run_id.txt").read_text().strip()
     sae = TopKSae.load(sae_dir / "model.pt")
