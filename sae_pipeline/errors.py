@@ -74,14 +74,14 @@ def os_error_of(exc: BaseException) -> OSError | None:
         if found:
             code = int(found[1])
             return OSError(code, os.strerror(code))
-        current = current.__cause__ or current.__context__
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return None
 
 
 def storage_error(exc: BaseException, path: Path | str | None = None, action: str = "write") -> StorageError | None:
     """``exc`` as a StorageError when a filesystem refused the operation, else None (a bug stays a traceback)."""
-    if isinstance(exc, StorageError):
-        return exc
+    if isinstance(exc, PipelineError):  # already says what to do
+        return exc if isinstance(exc, StorageError) else None
     error = os_error_of(exc)
     if error is None or error.errno not in STORAGE_ERRNOS:
         return None

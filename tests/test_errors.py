@@ -14,7 +14,7 @@ import torch
 
 import sae_pipeline.store as store_mod
 from sae_pipeline.cli import CAPTURE_RESUME, TRAIN_RESUME, exit_on_error
-from sae_pipeline.errors import StorageError, os_error_of, storage_error
+from sae_pipeline.errors import PipelineError, StorageError, os_error_of, storage_error
 from sae_pipeline.sae import PipelineSae, atomic_torch_save
 from sae_pipeline.store import atomic_save_tensors, atomic_write_json, read_json
 from tests.helpers import small_filesystem
@@ -113,6 +113,13 @@ def test_other_errors_stay_errors():
     assert storage_error(ValueError("a bug")) is None
     assert storage_error(FileNotFoundError(errno.ENOENT, "gone")) is None  # missing inputs have their own messages
     assert storage_error(RuntimeError("unexpected pos 1 vs 2")) is None  # no OS error behind it
+    try:  # a message the code chose stays that message, whatever OS error it was raised while handling
+        try:
+            raise OSError(errno.EIO, "I/O error")
+        except OSError:
+            raise PipelineError("shard 3 is corrupted") from None
+    except PipelineError as exc:
+        assert storage_error(exc) is None
 
 
 def test_run_id_of_the_failed_path():
