@@ -347,12 +347,7 @@ def train_sae(
 
     sae.save(MODEL_FILE.removesuffix(".pt"), out)
     export_saelens(
-        sae,
-        out / "saelens",
-        hook_name=layer,
-        model_name=str(act_meta.get("model_id")),
-        hook_layer=specs[0].layer_num,
-        extra={"sae_run_id": sae_run_id, "activation_run_id": run_id},
+        sae, out / "saelens", specs[0], act_meta, extra={"sae_run_id": sae_run_id, "activation_run_id": run_id}
     )
     atomic_write_json(out / "history.json", history)
     plot_training_curves(history, out / "training_curves.png", title=f"{sae_run_id} on {run_id}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -71,3 +73,25 @@ def _root_only(*command: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+SAELENS_ENV = REPO / "tests" / "saelens_env"
+
+
+def run_saelens(checks: dict[Path, Path], timeout: float = 900) -> list[dict]:
+    """SAELens itself on exports, in its own environment (tests/saelens_env; uv installs it from its lock on first
+    use): one result per ``{export folder: inputs file}``, see tests/saelens_env/check_export.py."""
+    uv = os.environ.get("UV") or shutil.which("uv")
+    assert uv, "uv is needed to run SAELens in its own environment (README: Quick start)"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")}
+    script = SAELENS_ENV / "check_export.py"
+    res = subprocess.run(
+        [uv, "run", "--frozen", "--project", str(SAELENS_ENV), "python", str(script)]
+        + [f"{folder}={inputs}" for folder, inputs in checks.items()],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-5000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
