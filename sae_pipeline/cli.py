@@ -60,7 +60,8 @@ def _with_resume(exc: StorageError, resume: Resume | None) -> str:
 
 def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
     _close_progress_bars()
-    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{prefix}: {message}\n")  # one write: lines of several ranks never run into each other
+    sys.stderr.flush()
     sys.exit(code)
 
 
