@@ -21,8 +21,8 @@ from tests.helpers import SAMPLE, run_script
 
 LAYER = 15  # the middle of 30 blocks; capture stops after it
 DATA_LIMIT, EVAL_LIMIT, MAX_LENGTH = 240, 40, 48
-# The trained SAE recovers at least this share of the zero-ablation gap. Measured with these settings: 0.97-0.98
-# (see RESULTS.md); an SAE that had learnt nothing useful would sit near 0 (a random unit-norm SAE gives < 0).
+# The trained SAE recovers at least this share of the zero-ablation gap. Measured with these settings: 0.969 (and
+# 0.979 with 300 documents of 64 tokens); the margin covers seeds and library versions (benchmarks/RESULTS.md).
 MIN_RECOVERED = 0.9
 
 
