@@ -103,15 +103,15 @@ class LatentScan:
         if vals.numel() == 0:
             return []
         order = torch.sort(vals, stable=True).indices
+        excluded = torch.tensor(sorted(exclude), dtype=rows.dtype)
         gen = torch.Generator().manual_seed(latent)
         bands = []
         for q in range(QUANTILE_BANDS):
             lo, hi = q * len(order) // QUANTILE_BANDS, (q + 1) * len(order) // QUANTILE_BANDS
-            members = [int(i) for i in order[lo:hi] if int(rows[i]) not in exclude]
-            if not members:
+            members = order[lo:hi][~torch.isin(rows[order[lo:hi]], excluded)]
+            if members.numel() == 0:
                 continue
-            pick = torch.randperm(len(members), generator=gen)[:SAMPLES_PER_BAND].sort().values
-            chosen = [members[int(j)] for j in pick]
+            chosen = members[torch.randperm(len(members), generator=gen)[:SAMPLES_PER_BAND].sort().values].tolist()
             bands.append(
                 {
                     "quantiles": [q / QUANTILE_BANDS, (q + 1) / QUANTILE_BANDS],
