@@ -4,7 +4,7 @@ On a random-weight model zero-ablating a layer changes nothing and CE-loss recov
 hooked layer matters (zero ablation costs a large, significant amount of loss), a briefly trained SAE recovers most
 of it, and step 3's CE-loss recovered equals the one computed below by a bare PyTorch forward hook that splices
 the SAE read from its SAELens export (plain safetensors) into a model loaded with plain transformers: no code of
-ours on that path, one document per forward (no padding).
+ours on that path (batches padded on the right by the tokenizer itself, no position ids of ours).
 """
 
 from __future__ import annotations
@@ -106,13 +106,20 @@ def test_ce_loss_recovered_equals_a_bare_hook_splice(pipeline, smollm2_model):
     n = 0
     try:
         with torch.inference_mode():
-            for text in texts:
-                ids = tok(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")["input_ids"]
+            for start in range(0, len(texts), 8):
+                # the tokenizer's own right padding: a causal model's real positions never see the pads after them
+                enc = tok(
+                    texts[start : start + 8], truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt"
+                )
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
                 for cond in total:
                     mode["value"] = cond
-                    logits = model(input_ids=ids).logits[0, :-1].float()
-                    total[cond] += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-                n += ids.shape[1] - 1
+                    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                    total[cond] += float(
+                        torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum")
+                    )
+                n += int((labels != -100).sum())
     finally:
         handle.remove()
     ce = {c: v / n for c, v in total.items()}
