@@ -2,6 +2,7 @@
 
     uv run python benchmarks/capture_speed.py                     # CPU, random Llama hidden 512, 8 layers
     uv run python benchmarks/capture_speed.py --bielik-shape --device cuda --dtype bfloat16   # GPU check
+    uv run python benchmarks/capture_speed.py --smollm2           # a real trained Llama: SmolLM2-135M, layer 15
 
 Every path gets the same documents, batch size and max length, and is timed in the same process, interleaved, median
 of --repeats; the ratio (ours / bare) is what the README quotes. Bytes per stored token are read from a real run.
@@ -18,10 +19,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from sae_pipeline import smollm2
 from sae_pipeline.capture import Capturer, pad_batch, save_activations
 from sae_pipeline.model import load_language_model
 from sae_pipeline.settings import CaptureSettings
 from sae_pipeline.tiny_model import build_benchmark_llama, load_sample_texts
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Stop(Exception):
@@ -61,6 +65,8 @@ def bare_forward(model, tokenizer, texts, layer, batch_size, max_length, device,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bielik-shape", action="store_true")
+    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of a random Llama")
+    parser.add_argument("--models", type=Path, default=REPO / "store" / "models", help="where SmolLM2 is converted")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--docs", type=int, default=256)
@@ -72,7 +78,9 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp())
-    model_dir = build_benchmark_llama(tmp / "model", args.bielik_shape)
+    model_dir = (
+        smollm2.model_folder(args.models) if args.smollm2 else build_benchmark_llama(tmp / "model", args.bielik_shape)
+    )
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     texts = [t for t in load_sample_texts() if t.strip()]
     texts = (texts * (args.docs // len(texts) + 1))[: args.docs]
@@ -144,12 +152,13 @@ def main() -> None:
             tokens[name] = (
                 n if n is not None else tokens.get("ours: Capturer (mi_crow detector, mask on device, early stop)")
             )
+    model_name = "SmolLM2-135M-Instruct" if args.smollm2 else "Bielik-1.5B shape" if args.bielik_shape else "hidden 512"
     real = tokens["ours: Capturer (mi_crow detector, mask on device, early stop)"]
     base = statistics.median(times["bare forward, same (length-sorted) batches"])
     print(
-        f"model {'Bielik-1.5B shape' if args.bielik_shape else 'hidden 512, 8 layers'}, layer {layer}, {args.device} "
+        f"model {model_name}, layer {layer}, {args.device} "
         f"{args.dtype}, {len(texts)} docs, batch {args.batch_size} x max {args.max_length}, {real:,} real tokens "
-        f"(BOS excluded), torch threads {torch.get_num_threads()}"
+        f"(special tokens excluded), torch threads {torch.get_num_threads()}"
     )
     for name in paths:
         med = statistics.median(times[name])
@@ -157,7 +166,7 @@ def main() -> None:
 
     run_settings = settings.model_copy(
         update={
-            "hf_dataset": str(Path(__file__).resolve().parent.parent / "data" / "polish_sample.jsonl"),
+            "hf_dataset": str(REPO / "data" / "polish_sample.jsonl"),
             "data_limit": 400,
         }
     )

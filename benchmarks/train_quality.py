@@ -147,7 +147,8 @@ def run_ours(store: Store, k: int, epochs: int, batch: int, lr: float, seed: int
     }
 
 
-def run_sparsify(loader: TokenLoader, d: int, k: int, epochs: int) -> dict:
+def train_sparsify(loader: TokenLoader, d: int, k: int, epochs: int):
+    """sparsify's SparseCoder (4x) trained with its default optimiser on the loader's epochs: (sae, lr, seconds)."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
@@ -171,7 +172,11 @@ def run_sparsify(loader: TokenLoader, d: int, k: int, epochs: int) -> dict:
             opt.step()
             opt.zero_grad()
     opt.eval()  # schedule-free: switch to the averaged weights for evaluation
-    seconds = time.time() - t
+    return sae, lr, time.time() - t
+
+
+def run_sparsify(loader: TokenLoader, d: int, k: int, epochs: int) -> dict:
+    sae, lr, seconds = train_sparsify(loader, d, k, epochs)
 
     def forward(x):
         out = sae(x)

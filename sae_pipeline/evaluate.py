@@ -23,7 +23,8 @@ Definitions (every average is over real tokens only, padding never counts):
 
 * CE_x = mean next-token cross-entropy over the predictions whose input and target are both real tokens;
 * CE-loss recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean) (1 = as good as the model, 0 = as bad as zero
-  ablation; also reported against mean ablation); Δ loss = CE_sae − CE_clean;
+  ablation; also reported against mean ablation), or null with the reason when the ablation gap is within the
+  noise of the evaluated documents (``metrics.recovered_or_reason``); Δ loss = CE_sae − CE_clean;
 * KL = mean over the same predictions of KL(p_clean ‖ p_condition);
 * FVU, MSE, L0 and the never-fired fraction: ``sae_pipeline.metrics`` on the activations the splice saw.
 """
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_pipeline.errors import PipelineError
-from sae_pipeline.metrics import ReconstructionStats, ce_loss_recovered
+from sae_pipeline.metrics import AblationGap, ReconstructionStats, recovered_or_reason
 from sae_pipeline.settings import EvalSettings
 from sae_pipeline.store import (
     META_FILE,
@@ -57,6 +58,7 @@ from sae_pipeline.store import (
 )
 
 CONDITIONS = ("clean", "sae", "zero", "mean")
+ABLATIONS = ("zero", "mean")
 EVAL_DIR = "evaluation"
 MODEL_FILE = "model.pt"
 SCAN_CHUNK_TOKENS = 4096
@@ -167,16 +169,20 @@ class DownstreamResult:
     n_real_tokens: int
     n_spliced_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
+    gaps: dict[str, dict[str, float]] = field(default_factory=dict)  # ablation -> AblationGap.result()
 
     def metrics(self) -> dict[str, Any]:
         ce = self.ce
         out: dict[str, Any] = {f"ce_{c}": ce[c] for c in CONDITIONS if c in ce}
         if "sae" in ce:
             out["delta_loss"] = ce["sae"] - ce["clean"]
-            if "zero" in ce:
-                out["ce_loss_recovered"] = ce_loss_recovered(ce["clean"], ce["sae"], ce["zero"])
-            if "mean" in ce:
-                out["ce_loss_recovered_mean_ablation"] = ce_loss_recovered(ce["clean"], ce["sae"], ce["mean"])
+            for ablation, key in (("zero", "ce_loss_recovered"), ("mean", "ce_loss_recovered_mean_ablation")):
+                if ablation in self.gaps:
+                    value, reason = recovered_or_reason(
+                        ce["clean"], ce["sae"], ce[ablation], self.gaps[ablation], ablation
+                    )
+                    out[key], out[key + "_reason"] = value, reason
+        out.update({f"ablation_gap_{a}": g for a, g in self.gaps.items()})
         out.update({f"kl_{c}": v for c, v in self.kl.items()})
         out.update(
             n_predictions=self.n_predictions, n_real_tokens=self.n_real_tokens, n_spliced_tokens=self.n_spliced_tokens
@@ -204,20 +210,23 @@ def downstream(
     """Next-token CE (and KL from clean) per condition, one full forward per condition and batch.
 
     ``conditions`` must start with ``clean`` when more than one is given (KL needs the clean distribution).
-    Sums stay on the device; padding and predictions of or from a pad never count.
+    Sums stay on the device; padding and predictions of or from a pad never count. For each ablation the
+    per-prediction difference from clean is also accumulated by document, for the gap's standard error.
     """
     if len(conditions) > 1 and conditions[0] != "clean":
         raise ValueError("the first condition must be 'clean'")
     nll = {c: torch.zeros((), dtype=torch.float64, device=device) for c in conditions}
     kl = {c: torch.zeros((), dtype=torch.float64, device=device) for c in conditions if c != "clean"}
+    gaps = {c: AblationGap(device) for c in conditions if c in ABLATIONS and "clean" in conditions}
     seconds = dict.fromkeys(conditions, 0.0)
     n_pred = n_real = n_kept = 0
     for cpu_batch in batches:
         b = cpu_batch.to(device)
         valid = (b.mask[:, :-1] & b.mask[:, 1:]).bool()
         targets = b.ids[:, 1:][valid]
+        doc = valid.nonzero()[:, 0]  # the batch row (document) of each prediction
         splice.keep = b.keep
-        clean_lp = None
+        clean_lp = clean_nll = None
         for cond in conditions:
             _sync(device)
             t0 = time.perf_counter()
@@ -230,11 +239,14 @@ def downstream(
             if splice.calls == calls:
                 raise PipelineError(f"the hook {splice.layer_signature!r} did not fire during the forward pass")
             lp = logits[:, :-1][valid].float().log_softmax(-1)
-            nll[cond] -= lp.gather(1, targets[:, None]).sum()
+            token_nll = -lp.gather(1, targets[:, None]).squeeze(1)
+            nll[cond] += token_nll.sum()
             if cond == "clean":
-                clean_lp = lp
+                clean_lp, clean_nll = lp, token_nll
             elif clean_lp is not None:
                 kl[cond] += F.kl_div(lp, clean_lp, log_target=True, reduction="sum")
+            if cond in gaps:
+                gaps[cond].update(token_nll - clean_nll, doc)
             _sync(device)
             seconds[cond] += time.perf_counter() - t0
         n_pred += int(valid.sum())
@@ -254,6 +266,7 @@ def downstream(
         n_real_tokens=n_real,
         n_spliced_tokens=n_kept,
         seconds=seconds,
+        gaps={c: g.result() for c, g in gaps.items()},
     )
 
 
@@ -458,6 +471,19 @@ def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:
     )
 
 
+def _recovered_lines(d: dict[str, Any]) -> str:
+    """CE-loss recovered as a number only when the ablation gap is real; otherwise why there is none."""
+    gap = d["ablation_gap_zero"]
+    fidelity = f"delta loss {d['delta_loss']:+.4f}, KL {d['kl_sae']:.4f}"
+    if d["ce_loss_recovered"] is None:
+        return f"  {fidelity}\n  CE-loss recovered: none, because {d['ce_loss_recovered_reason']}"
+    mean = d["ce_loss_recovered_mean_ablation"]
+    return (
+        f"  CE-loss recovered {d['ce_loss_recovered']:.4f} (zero-ablation gap {gap['gap']:+.4f} ± "
+        f"{gap['standard_error']:.4f}; vs mean ablation {'n/a' if mean is None else f'{mean:.4f}'}), {fidelity}"
+    )
+
+
 def _probe_width(model, tokenizer, splice, device: torch.device) -> int:
     """The width the hook actually sees (one short clean forward)."""
     from sae_pipeline.capture import pad_batch
@@ -556,6 +582,8 @@ def _write_outputs(
         "formulas": {
             "ce_loss_recovered": "(ce_zero - ce_sae) / (ce_zero - ce_clean)",
             "ce_loss_recovered_mean_ablation": "(ce_mean - ce_sae) / (ce_mean - ce_clean)",
+            "ce_loss_recovered_reason": "why it is null: the ablation gap (ce_zero - ce_clean) is under "
+            "3 standard errors (documents as the independent units) or under 1% of ce_clean",
             "delta_loss": "ce_sae - ce_clean",
             "kl_<condition>": "mean KL(p_clean || p_condition)",
             "averages": "over real tokens only; predictions whose input or target is padding excluded",
@@ -591,16 +619,12 @@ def _write_outputs(
     atomic_write_json(out / "metrics.json", metrics)
     d = downstream_metrics
 
-    def fmt(v):
-        return "n/a (ablation does not change the loss)" if v is None else f"{v:.4f}"
-
     print(
         f"Evaluated SAE {sae_run_id} on {n_docs} held-out documents ({result.n_real_tokens:,} tokens, "
         f"{result.n_predictions:,} predictions) of {source['dataset']!r}:\n"
         f"  CE clean {d['ce_clean']:.4f}, SAE {d['ce_sae']:.4f}, zero-ablated {d['ce_zero']:.4f}, "
         f"mean-ablated {d['ce_mean']:.4f}\n"
-        f"  CE-loss recovered {fmt(d['ce_loss_recovered'])} (vs mean ablation "
-        f"{fmt(d['ce_loss_recovered_mean_ablation'])}), delta loss {d['delta_loss']:+.4f}, KL {d['kl_sae']:.4f}\n"
+        f"{_recovered_lines(d)}\n"
         f"  reconstruction: FVU {recon_metrics['fvu']:.4f}, MSE {recon_metrics['mse']:.4g}, "
         f"L0 {recon_metrics['l0']:.1f}, never fired {recon_metrics['never_fired_fraction']:.1%} of "
         f"{int(engine.W_dec.shape[0])} latents\n"

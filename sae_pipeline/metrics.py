@@ -8,6 +8,9 @@
 * dead fraction = share of latents that did not fire in the last ``window`` training tokens.
 * never-fired fraction = share of latents that never fired on the tokens measured.
 
+* ablation gap = CE_ablated − CE_clean with its standard error (``AblationGap``); CE-loss recovered is reported
+  only when that gap is real (``recovered_or_reason``).
+
 ``fvu``/``mse``/``l0`` work on one batch (``fvu`` is differentiable: the trainer's loss uses it);
 ``ReconstructionStats`` accumulates the same quantities over any number of batches with exact merging
 (Chan et al.'s parallel variance), so a streamed FVU equals the FVU of the concatenated tokens.
@@ -124,3 +127,76 @@ def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_ablated: float) -> floa
     if not math.isfinite(denom) or abs(denom) < 1e-12:
         return None
     return (ce_ablated - ce_sae) / denom
+
+
+# CE-loss recovered divides by the ablation gap. When the gap is noise (a random model, a layer the loss does not
+# depend on), the ratio is noise divided by noise and can read like a result (2.02, -7.5, 0.50). It is reported only
+# when the gap is at least this many standard errors above zero and at least this fraction of CE clean.
+MIN_GAP_STANDARD_ERRORS = 3.0
+MIN_GAP_FRACTION = 0.01
+
+
+class AblationGap:
+    """Mean per-prediction loss difference (ablated − clean) and its standard error, streamed over documents.
+
+    The predictions of one document are correlated, so documents, not predictions, are the independent units: the
+    standard error is that of a ratio of sums over documents (the cluster-robust, linearised estimator),
+    sqrt(N/(N−1) · Σ_i (D_i − gap·n_i)²) / Σ_i n_i, with D_i the summed difference and n_i the predictions of
+    document i. Counting predictions as independent would understate it.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.docs, self.sum_d, self.sum_n, self.sum_dd, self.sum_dn, self.sum_nn = (zero() for _ in range(6))
+
+    @torch.no_grad()
+    def update(self, diff: torch.Tensor, doc: torch.Tensor) -> None:
+        """``diff`` [n]: ablated − clean loss of each prediction; ``doc`` [n]: its document (any integer ids, each
+        document's predictions all in one call)."""
+        if diff.numel() == 0:
+            return
+        _, doc = torch.unique(doc, return_inverse=True)
+        d = torch.zeros(int(doc.max()) + 1, dtype=torch.float64, device=diff.device).index_add_(0, doc, diff.double())
+        n = torch.bincount(doc).double()
+        self.docs += n.numel()
+        self.sum_d += d.sum()
+        self.sum_n += n.sum()
+        self.sum_dd += (d * d).sum()
+        self.sum_dn += (d * n).sum()
+        self.sum_nn += (n * n).sum()
+
+    def result(self) -> dict[str, float]:
+        docs, n = float(self.docs), float(self.sum_n)
+        if n == 0:
+            raise ValueError("no predictions were measured")
+        gap = float(self.sum_d) / n
+        if docs < 2:
+            return {"gap": gap, "standard_error": math.inf, "n_documents": int(docs), "n_predictions": int(n)}
+        residual = float(self.sum_dd - 2 * gap * self.sum_dn + gap * gap * self.sum_nn)
+        se = math.sqrt(max(residual, 0.0) * docs / (docs - 1)) / n
+        return {"gap": gap, "standard_error": se, "n_documents": int(docs), "n_predictions": int(n)}
+
+
+def ablation_gap_problem(gap: dict[str, float], ce_clean: float, ablation: str = "zero") -> str | None:
+    """Why ``gap`` (an ``AblationGap.result()``) is too small for CE-loss recovered to mean anything; None if real."""
+    value, se = gap["gap"], gap["standard_error"]
+    sigmas = value / se if se > 0 else math.inf
+    where = (
+        f"{ablation} ablation changes CE by {value:+.4f} ± {se:.4f} ({sigmas:.1f} standard errors over "
+        f"{gap['n_documents']} documents, {gap['n_predictions']:,} predictions; {value / ce_clean:.2%} of CE clean)"
+    )
+    if not (math.isfinite(value) and sigmas >= MIN_GAP_STANDARD_ERRORS):
+        return f"{where}: within the noise, so the model's loss does not depend on this layer measurably"
+    if value < MIN_GAP_FRACTION * ce_clean:
+        return f"{where}: below {MIN_GAP_FRACTION:.0%} of CE clean, too small a change for a ratio to mean anything"
+    return None
+
+
+def recovered_or_reason(
+    ce_clean: float, ce_sae: float, ce_ablated: float, gap: dict[str, float], ablation: str = "zero"
+) -> tuple[float | None, str | None]:
+    """CE-loss recovered against this ablation, or (None, why) when the ablation gap is not a real effect."""
+    problem = ablation_gap_problem(gap, ce_clean, ablation)
+    if problem is not None:
+        return None, problem
+    return ce_loss_recovered(ce_clean, ce_sae, ce_ablated), None

@@ -1,8 +1,17 @@
-"""Loading the language model through mi_crow: device, dtype, and the tokenizer facts capture relies on."""
+"""Loading the language model through mi_crow: device, dtype, and the tokenizer facts capture relies on.
+
+MODEL_ID is a hub id, a model folder, or a ``.gguf`` file (how llama.cpp users keep models): transformers reads a
+GGUF file (with the ``gguf`` package) and dequantises it into an ordinary model, so every step works the same on
+it. ``save_dequantized`` writes such a file once as a model folder, which later loads in seconds.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
@@ -10,6 +19,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 from sae_pipeline.errors import PipelineError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+GGUF_SUFFIX = ".gguf"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,28 +51,54 @@ def resolve_dtype(setting: str, device: torch.device, config: PretrainedConfig) 
 
 
 def check_model_id(model_id: str) -> None:
-    """A path that exists must be a model folder; anything else must at least look like a hub id."""
+    """A path that exists must be a model folder or a .gguf file; anything else must at least look like a hub id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
+        _require_gguf(model_id)
+        return
     if path.exists():
         if not (path / "config.json").is_file():
             raise PipelineError(
-                f"MODEL_ID={model_id!r} is a path without config.json; "
-                "give a folder written by save_pretrained or a hub id like org/name"
+                f"MODEL_ID={model_id!r} is a path without config.json; give a folder written by save_pretrained, "
+                f"a {GGUF_SUFFIX} file or a hub id like org/name"
             )
         return
+    if path.suffix.lower() == GGUF_SUFFIX:
+        raise PipelineError(f"MODEL_ID={model_id!r} names a {GGUF_SUFFIX} file that does not exist")
     try:
         validate_repo_id(model_id)
     except HFValidationError:
         raise PipelineError(
-            f"MODEL_ID={model_id!r} is neither an existing directory nor a valid hub id (org/name)"
+            f"MODEL_ID={model_id!r} is neither an existing directory, a {GGUF_SUFFIX} file nor a valid hub id "
+            "(org/name)"
         ) from None
+
+
+def _require_gguf(model_id: str) -> None:
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise PipelineError(
+            f"MODEL_ID={model_id!r} is a GGUF file, and reading one needs the Python package `gguf`, which is not "
+            "installed: run `uv sync` (it is a dependency of this project) or `pip install gguf`"
+        ) from None
+
+
+def model_source(model_id: str) -> tuple[str, dict[str, Any]]:
+    """What ``from_pretrained`` takes: a .gguf file is its folder plus ``gguf_file=<name>``; anything else as is."""
+    path = Path(model_id).expanduser()
+    if path.suffix.lower() == GGUF_SUFFIX and path.is_file():
+        return str(path.parent), {"gguf_file": path.name}
+    return model_id, {}
 
 
 def _load_error(model_id: str, exc: BaseException) -> PipelineError:
     cause = exc.__cause__ or exc
     first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    if Path(model_id).expanduser().exists():
+        return PipelineError(f"MODEL_ID={model_id!r} could not be loaded: {first_line}")
     return PipelineError(
         f"MODEL_ID={model_id!r} could not be loaded: not a local directory, and the hub did not "
         f"provide it (offline, a typo, or a gated model needing HF_TOKEN): {first_line}"
@@ -71,8 +107,9 @@ def _load_error(model_id: str, exc: BaseException) -> PipelineError:
 
 def load_config(model_id: str) -> PretrainedConfig:
     check_model_id(model_id)
+    source, extra = model_source(model_id)
     try:
-        return AutoConfig.from_pretrained(model_id)
+        return AutoConfig.from_pretrained(source, **extra)
     except (OSError, ValueError) as exc:
         raise _load_error(model_id, exc) from None
 
@@ -82,18 +119,58 @@ def load_language_model(model_id: str, store_dir: Path, device: torch.device, dt
     from mi_crow.language_model.language_model import LanguageModel
     from mi_crow.store.local_store import LocalStore
 
-    model_params = {"dtype": dtype}
+    source, extra = model_source(model_id)
+    model_params = {"dtype": dtype, **extra}
     if device.type == "cuda":
         model_params["device_map"] = str(device)
     try:
         lm = LanguageModel.from_huggingface(
-            model_id, store=LocalStore(base_path=store_dir), model_params=model_params, device=str(device)
+            source,
+            store=LocalStore(base_path=store_dir),
+            tokenizer_params=dict(extra),
+            model_params=model_params,
+            device=str(device),
         )
     except (RuntimeError, OSError, ValueError) as exc:
         raise _load_error(model_id, exc) from None
     lm.model.eval()
     ensure_pad_token(lm.tokenizer)
     return lm
+
+
+def save_dequantized(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The model of a .gguf file as an ordinary model folder (weights in ``dtype``, tokenizer, config); kept if done.
+
+    transformers refuses to save a model it loaded from GGUF, so the dequantised weights are copied into a fresh
+    model built from the same config (without the GGUF marker) and that is saved. The folder appears complete or
+    not at all (written beside it, then renamed).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    check_model_id(str(gguf_file))
+    source, extra = model_source(str(gguf_file))
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from the other users of a shared store
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not (out_dir / "config.json").is_file():  # another process may have finished first
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:

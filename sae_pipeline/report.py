@@ -1,15 +1,19 @@
 """What step 3 shows people: the firing-frequency histogram and the static feature browser (HTML and JSON).
 
-* ``LatentScan`` accumulates, over SAE codes of stored tokens, every latent's firing count, maximum, mean, all of
-  its non-zero activation values (k per token, for the histograms) and its top-activating tokens together with the
-  latent's activations on the stored neighbours of each (same document, up to ``window`` rows either side).
+* ``LatentScan`` keeps, over the SAE codes of stored tokens, every non-zero activation (latent, value, row; k per
+  token) and each row's provenance. From them: every latent's firing count, maximum and mean, its top-activating
+  rows, samples from lower quantiles of its activations (what it does most of the time, not only its extremes),
+  and its activations on the neighbours of any row (same document).
+* ``detail_latents`` picks the latents shown in detail across the frequency range, a few from every decade of
+  firing frequency (the most frequent latents are the densest and least interpretable ones).
 * ``ContextSource`` turns a (document index, position) from step 1's provenance back into text: it tokenizes the
   run's document exactly as capture did and cuts the original characters per token (offset mapping), so Polish
   diacritics are shown as written even when a byte-level token holds half a character.
 * ``promoted_tokens``: the tokens whose logits a latent's decoder direction raises most, (g ⊙ W_dec[i]) · W_Uᵀ
   with g the final norm's weight when there is one (a direct-logit view; exact only for a residual-stream hook).
 * ``write_browser`` writes ``feature_browser.json`` and ``feature_browser.html``: one self-contained file (data
-  inlined, no network, no server) with a sortable list of all latents and a card per detailed latent.
+  inlined, no network, no server) with a sortable list of all latents, each of which opens (its top contexts),
+  and a card per detailed latent.
 """
 
 from __future__ import annotations
@@ -28,34 +32,31 @@ from sae_pipeline.store import atomic_write_json, atomic_write_text
 HIST_BINS = 30
 TEMPLATE = Path(__file__).with_name("feature_browser.html")  # the page; __TITLE__, __IMG__, __DATA__ filled in
 PROMOTED_TOP, PROMOTED_BOTTOM = 10, 5
+QUANTILE_BANDS = 4  # lower-activation samples: one group per quartile of the latent's activations
+SAMPLES_PER_BAND = 3
+LIST_CONTEXTS, LIST_WINDOW = 3, 6  # what every latent of the list opens to: its top contexts, a shorter window
 
 
 class LatentScan:
-    """Streaming per-latent statistics and top-C contexts (see the module docstring)."""
+    """Every non-zero code of the scanned rows and their provenance (see the module docstring)."""
 
     def __init__(self, n_latents: int, contexts: int, window: int, device: torch.device | str = "cpu"):
-        C, L, W2 = contexts, n_latents, 2 * window + 1
         self.n_latents, self.contexts, self.window = n_latents, contexts, window
         self.n_tokens = 0
-        self.counts = torch.zeros(L, dtype=torch.int64, device=device)
-        self.max = torch.zeros(L, device=device)
-        self.sum = torch.zeros(L, dtype=torch.float64, device=device)
-        self.best = torch.full((C, L), -1.0, device=device)
-        self.doc = torch.full((C, L), -1, dtype=torch.int32, device=device)
-        self.pos = torch.full((C, L), -1, dtype=torch.int32, device=device)
-        self.tok = torch.full((C, L), -1, dtype=torch.int32, device=device)
-        self.win_act = torch.zeros((C, L, W2), device=device)
-        self.win_pos = torch.full((C, L, W2), -1, dtype=torch.int32, device=device)
-        self.offsets = torch.arange(-window, window + 1, device=device)
+        self.counts = torch.zeros(n_latents, dtype=torch.int64, device=device)
+        self.max = torch.zeros(n_latents, device=device)
+        self.sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
         self._lat: list[torch.Tensor] = []
         self._val: list[torch.Tensor] = []
+        self._row: list[torch.Tensor] = []
+        self._prov: list[torch.Tensor] = []
+        self._index: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def update(self, z: torch.Tensor, prov: torch.Tensor, lo: int, hi: int) -> None:
-        """Codes ``z`` [m, L] of consecutive stored rows with provenance ``prov`` [m, 3]; rows lo..hi are counted,
-        the rest only serve as neighbours of a context."""
-        z, prov = z.float(), prov.to(z.device)
-        core = z[lo:hi]
+        """Codes ``z`` [m, L] of consecutive stored rows with provenance ``prov`` [m, 3]; rows lo..hi are the new
+        ones (the rest are neighbours the caller passes for context; consecutive calls cover them anyway)."""
+        core = z[lo:hi].float()
         if core.shape[0] == 0:
             return
         fired = core > 0
@@ -65,29 +66,75 @@ class LatentScan:
         rows, lats = fired.nonzero(as_tuple=True)
         self._lat.append(lats.to(torch.int32).cpu())
         self._val.append(core[rows, lats].cpu())
+        self._row.append(rows.cpu() + self.n_tokens)
+        self._prov.append(prov[lo:hi].to(torch.int32).cpu())
         self.n_tokens += core.shape[0]
+        self._index = None
 
-        C = self.contexts
-        vals, idx = torch.cat([self.best, core]).topk(min(C, C + core.shape[0]), dim=0)
-        old = idx.clamp(max=C - 1)
-        doc, pos, tok = (t.gather(0, old) for t in (self.doc, self.pos, self.tok))
-        expand = old[..., None].expand(-1, -1, self.win_act.shape[-1])
-        win_act, win_pos = self.win_act.gather(0, expand), self.win_pos.gather(0, expand)
-        valid = vals > 0
-        c, l = ((idx >= C) & valid).nonzero(as_tuple=True)
-        if c.numel():
-            r = idx[c, l] - C + lo  # row in z
-            rr = r[:, None] + self.offsets
-            inside = (rr >= 0) & (rr < z.shape[0])
-            rr = rr.clamp(0, z.shape[0] - 1)
-            same = inside & (prov[rr, 0] == prov[r, 0][:, None])
-            win_act[c, l] = torch.where(same, z[rr, l[:, None]], torch.zeros((), device=z.device))
-            win_pos[c, l] = torch.where(
-                same, prov[rr, 1].to(torch.int32), torch.full((), -1, dtype=torch.int32, device=z.device)
+    def _entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, values, start offsets per latent, provenance): every activation sorted by (latent, row)."""
+        if self._index is None:
+            lat = torch.cat(self._lat).long() if self._lat else torch.zeros(0, dtype=torch.long)
+            row = torch.cat(self._row) if self._row else torch.zeros(0, dtype=torch.long)
+            val = torch.cat(self._val) if self._val else torch.zeros(0)
+            order = torch.argsort(lat * max(self.n_tokens, 1) + row)
+            starts = torch.zeros(self.n_latents + 1, dtype=torch.long)
+            starts[1:] = torch.bincount(lat, minlength=self.n_latents).cumsum(0)
+            prov = torch.cat(self._prov) if self._prov else torch.zeros(0, 3, dtype=torch.int32)
+            self._index = (row[order], val[order], starts, prov)
+        return self._index
+
+    def activations(self, latent: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows in ascending order, values) of one latent's non-zero activations."""
+        rows, vals, starts, _ = self._entries()
+        a, b = int(starts[latent]), int(starts[latent + 1])
+        return rows[a:b], vals[a:b]
+
+    def top(self, latent: int, n: int) -> list[tuple[int, float]]:
+        """The latent's ``n`` largest activations as (row, value), largest first (ties: earlier row first)."""
+        rows, vals = self.activations(latent)
+        order = torch.sort(vals, descending=True, stable=True).indices[:n]
+        return [(int(rows[i]), float(vals[i])) for i in order]
+
+    def quantile_samples(self, latent: int, exclude: set[int]) -> list[dict[str, Any]]:
+        """A few activations from each quartile of the latent's activations (rows in ``exclude`` left out),
+        chosen at random with a generator seeded by the latent, so a page is reproducible."""
+        rows, vals = self.activations(latent)
+        if vals.numel() == 0:
+            return []
+        order = torch.sort(vals, stable=True).indices
+        excluded = torch.tensor(sorted(exclude), dtype=rows.dtype)
+        gen = torch.Generator().manual_seed(latent)
+        bands = []
+        for q in range(QUANTILE_BANDS):
+            lo, hi = q * len(order) // QUANTILE_BANDS, (q + 1) * len(order) // QUANTILE_BANDS
+            members = order[lo:hi][~torch.isin(rows[order[lo:hi]], excluded)]
+            if members.numel() == 0:
+                continue
+            chosen = members[torch.randperm(len(members), generator=gen)[:SAMPLES_PER_BAND].sort().values].tolist()
+            bands.append(
+                {
+                    "quantiles": [q / QUANTILE_BANDS, (q + 1) / QUANTILE_BANDS],
+                    "range": [float(vals[order[lo]]), float(vals[order[hi - 1]])],
+                    "examples": [(int(rows[i]), float(vals[i])) for i in chosen],
+                }
             )
-            doc[c, l], pos[c, l], tok[c, l] = (prov[r, j].to(torch.int32) for j in range(3))
-        doc[~valid] = -1
-        self.best, self.doc, self.pos, self.tok, self.win_act, self.win_pos = vals, doc, pos, tok, win_act, win_pos
+        return bands
+
+    def provenance(self, row: int) -> tuple[int, int, int]:
+        doc, pos, tok = self._entries()[3][row].tolist()
+        return doc, pos, tok
+
+    def window_acts(self, latent: int, row: int, window: int) -> dict[int, float]:
+        """{position: activation} of the latent on the stored rows of the same document within ``window`` rows."""
+        rows, vals = self.activations(latent)
+        a = int(torch.searchsorted(rows, row - window))
+        b = int(torch.searchsorted(rows, row + window, right=True))
+        active = dict(zip(rows[a:b].tolist(), vals[a:b].tolist()))
+        lo, hi = max(0, row - window), min(self.n_tokens, row + window + 1)
+        block = self._entries()[3][lo:hi, :2].tolist()
+        doc = block[row - lo][0]
+        return {pos: round(active.get(lo + j, 0.0), 4) for j, (d, pos) in enumerate(block) if d == doc}
 
     def frequency(self) -> torch.Tensor:
         return (self.counts.double() / max(self.n_tokens, 1)).cpu()
@@ -96,25 +143,59 @@ class LatentScan:
         return (self.sum / self.counts.clamp_min(1)).float().cpu()
 
     def detail_latents(self, n: int) -> list[int]:
-        """The ``n`` most frequently firing latents (never-firing ones have nothing to show)."""
-        counts = self.counts.cpu()
-        order = torch.argsort(counts, descending=True, stable=True)
-        return [int(i) for i in order[:n] if counts[i] > 0]
+        """``n`` latents spread over the frequency range: the firing latents are grouped by decade of frequency
+        (< 1e-5, 1e-5..1e-4, ..., >= 0.1) and every decade gets an equal share (a decade with fewer latents gives
+        its rest to the others); within a decade the picks are evenly spaced in frequency order. Most frequent
+        decade first."""
+        bands = frequency_bands(self.frequency())
+        quota = {b: 0 for b in bands}
+        left = n
+        while left > 0 and any(quota[b] < len(bands[b]) for b in bands):
+            for b in sorted(bands, reverse=True):
+                if left > 0 and quota[b] < len(bands[b]):
+                    quota[b] += 1
+                    left -= 1
+        picked = []
+        for b in sorted(bands, reverse=True):
+            members, q = bands[b], quota[b]
+            picked += [members[int((i + 0.5) * len(members) / q)] for i in range(q)]
+        return picked
 
     def histograms(self, latents: list[int], bins: int = HIST_BINS) -> dict[int, dict[str, list[float]]]:
         """Histogram of each latent's non-zero activations, ``bins`` equal bins from 0 to its maximum."""
-        if not self._lat:
-            return {}
-        lat, val = torch.cat(self._lat), torch.cat(self._val)
         out = {}
         for i in latents:
-            v = val[lat == i]
+            v = self.activations(i)[1]
             top = float(v.max()) if v.numel() else 0.0
             if top <= 0:
                 continue
             counts = torch.histc(v, bins=bins, min=0.0, max=top)
             out[i] = {"edges": [top * b / bins for b in range(bins + 1)], "counts": [int(x) for x in counts]}
         return out
+
+
+FREQUENCY_DECADES = (-5, -1)  # decades below 1e-5 and at or above 0.1 are merged into the end bands
+
+
+def frequency_bands(freq: torch.Tensor) -> dict[int, list[int]]:
+    """{decade: firing latents with frequency in [10^decade, 10^(decade+1)), most frequent first}, decades clipped
+    to FREQUENCY_DECADES."""
+    lo, hi = FREQUENCY_DECADES
+    bands: dict[int, list[int]] = {}
+    for i in torch.argsort(freq, descending=True, stable=True).tolist():
+        f = float(freq[i])
+        if f > 0:
+            bands.setdefault(min(max(math.floor(math.log10(f)), lo - 1), hi), []).append(i)
+    return bands
+
+
+def band_label(decade: int) -> str:
+    lo, hi = FREQUENCY_DECADES
+    if decade < lo:
+        return f"< 1e{lo}"
+    if decade >= hi:
+        return f">= 1e{hi}"
+    return f"1e{decade} to 1e{decade + 1}"
 
 
 class ContextSource:
@@ -217,37 +298,50 @@ def browser_data(
     mx = scan.max.cpu()
     detail = scan.detail_latents(n_detail)
     hists = scan.histograms(detail)
-    best, doc, pos, tok = (t.cpu() for t in (scan.best, scan.doc, scan.pos, scan.tok))
-    win_act, win_pos = scan.win_act.cpu(), scan.win_pos.cpu()
+    decade_of = {i: b for b, members in frequency_bands(freq).items() for i in members}
+
+    def shown(lat: int, examples: list[tuple[int, float]], window: int) -> list[dict[str, Any]]:
+        out = []
+        for row, value in examples:
+            doc, pos, tok = scan.provenance(row)
+            ctx = contexts.context(doc, pos, tok, window, scan.window_acts(lat, row, window))
+            ctx["activation"] = round(value, 4)
+            out.append(ctx)
+        return out
+
     cards = []
     for lat in detail:
-        ctxs = []
-        for c in range(scan.contexts):
-            if best[c, lat] <= 0 or doc[c, lat] < 0:
-                continue
-            acts = {int(p): round(float(a), 4) for p, a in zip(win_pos[c, lat], win_act[c, lat]) if p >= 0}
-            ctx = contexts.context(int(doc[c, lat]), int(pos[c, lat]), int(tok[c, lat]), scan.window, acts)
-            ctx["activation"] = round(float(best[c, lat]), 4)
-            ctxs.append(ctx)
+        top = scan.top(lat, scan.contexts)
+        samples = scan.quantile_samples(lat, {row for row, _ in top})
+        for band in samples:
+            band["contexts"] = shown(lat, band.pop("examples"), scan.window)
         cards.append(
             {
                 "latent": lat,
+                "band": band_label(decade_of[lat]),
                 "frequency": float(freq[lat]),
                 "max": float(mx[lat]),
                 "mean": float(mean[lat]),
                 "histogram": hists.get(lat),
                 **promoted.get(lat, {"promoted": [], "suppressed": []}),
-                "contexts": ctxs,
+                "contexts": shown(lat, top, scan.window),
+                "samples": samples,
             }
         )
+    bands = frequency_bands(freq)
     data = {
         "summary": summary,
         "scanned_tokens": scan.n_tokens,
         "n_latents": scan.n_latents,
+        "bands": [
+            {"label": band_label(b), "latents": len(bands[b]), "shown": sum(decade_of[i] == b for i in detail)}
+            for b in sorted(bands, reverse=True)
+        ],
         "latents": {
             "frequency": [float(f) for f in freq],
             "max": [round(float(m), 4) for m in mx],
             "mean": [round(float(m), 4) for m in mean],
+            "contexts": [shown(i, scan.top(i, LIST_CONTEXTS), LIST_WINDOW) for i in range(scan.n_latents)],
         },
         "details": cards,
     }

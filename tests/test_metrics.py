@@ -1,9 +1,21 @@
 """Metrics against hand-computed values, and streaming accumulation equal to the one-shot definition."""
 
+import math
+
 import pytest
 import torch
 
-from sae_pipeline.metrics import ReconstructionStats, dead_fraction, fvu, l0, mse, never_fired_fraction
+from sae_pipeline.metrics import (
+    AblationGap,
+    ReconstructionStats,
+    dead_fraction,
+    fvu,
+    l0,
+    mse,
+    never_fired_fraction,
+    recovered_or_reason,
+)
+from tests.eval_fixtures import trained_tiny_model  # noqa: F401  (fixture)
 
 X = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, 16.0]])
 X_HAT = torch.tensor([[2.0, 10.0], [3.0, 12.0], [5.0, 16.0]])
@@ -63,3 +75,83 @@ def test_state_dict_round_trip_and_empty_stats():
     assert t.result() == s.result()
     t.reset()
     assert t.n == 0 and int(t.fire_counts.sum()) == 0
+
+
+# ---------------------------------------------------------------------------------------------------- ablation gap
+
+
+def cluster_se(diffs: list[torch.Tensor]) -> tuple[float, float]:
+    """The gap and its standard error with documents as the units, written out from the definition."""
+    d = torch.tensor([float(x.double().sum()) for x in diffs], dtype=torch.float64)
+    n = torch.tensor([x.numel() for x in diffs], dtype=torch.float64)
+    gap = float(d.sum() / n.sum())
+    N = len(diffs)
+    return gap, float(((d - gap * n) ** 2).sum() * N / (N - 1)) ** 0.5 / float(n.sum())
+
+
+def test_ablation_gap_streams_to_the_cluster_standard_error():
+    gen = torch.Generator().manual_seed(0)
+    # 40 documents of 3..30 predictions; each document has its own offset, so predictions are correlated within it
+    diffs = [
+        0.2 + 0.5 * torch.randn(1, generator=gen) + 0.1 * torch.randn(int(n), generator=gen)
+        for n in torch.randint(3, 30, (40,), generator=gen)
+    ]
+    gap = AblationGap()
+    for start in range(0, 40, 7):  # batches of documents, as evaluation feeds them
+        batch = diffs[start : start + 7]
+        gap.update(torch.cat(batch), torch.cat([torch.full((len(x),), 100 + i) for i, x in enumerate(batch)]))
+    r = gap.result()
+    expected_gap, expected_se = cluster_se(diffs)
+    assert r["gap"] == pytest.approx(expected_gap, rel=1e-12) and r["standard_error"] == pytest.approx(expected_se)
+    assert (r["n_documents"], r["n_predictions"]) == (40, sum(len(x) for x in diffs))
+    # treating the correlated predictions as independent would claim a far smaller error
+    flat = torch.cat(diffs).double()
+    assert float(flat.std() / len(flat) ** 0.5) < r["standard_error"] / 3
+    single = AblationGap()
+    single.update(diffs[0], torch.zeros(len(diffs[0]), dtype=torch.long))
+    assert single.result()["standard_error"] == math.inf  # one document: no error estimate, never significant
+
+
+@pytest.mark.parametrize(
+    "gap, se, verdict",
+    [
+        (0.0004, 0.0003, "within the noise"),  # 1.3 standard errors
+        (-0.05, 0.001, "within the noise"),  # ablation lowers the loss: no gap to recover
+        (0.02, 0.001, "below 1% of CE clean"),  # 20 standard errors, but 0.2% of CE 9.0
+        (0.5, 0.02, None),  # a real gap
+    ],
+)
+def test_ce_loss_recovered_only_for_a_real_gap(gap, se, verdict):
+    stats = {"gap": gap, "standard_error": se, "n_documents": 60, "n_predictions": 3000}
+    ce_clean = 9.0
+    value, reason = recovered_or_reason(ce_clean, ce_clean + gap / 4, ce_clean + gap, stats)
+    if verdict is None:
+        assert reason is None and value == pytest.approx(0.75)
+    else:
+        assert value is None and verdict in reason
+        assert f"{gap:+.4f} ± {se:.4f}" in reason and "60 documents, 3,000 predictions" in reason
+
+
+def test_gap_is_noise_on_a_random_model_and_real_on_a_trained_one(tiny_model, trained_tiny_model, tmp_path):
+    """Through step 3's own forwards: zero-ablating block 2 of the random tiny Llama changes nothing measurable,
+    of the briefly trained one a lot."""
+    from sae_pipeline.evaluate import downstream, make_batches, make_splice
+    from sae_pipeline.model import load_language_model
+    from sae_pipeline.sae import PipelineSae
+    from sae_pipeline.tiny_model import load_sample_texts
+
+    sig = "llamaforcausallm_model_layers_2_post_attention_layernorm"
+    verdicts = {}
+    for name, folder in (("random", tiny_model), ("trained", trained_tiny_model)):
+        lm = load_language_model(str(folder), tmp_path / name, torch.device("cpu"), torch.float32)
+        engine = PipelineSae(128, 64, 4).sae_engine.eval()
+        splice = make_splice(sig, "output", engine, torch.zeros(64))
+        lm.layers.register_hook(sig, splice)
+        batches = make_batches(lm.tokenizer, load_sample_texts()[120:200], 32, 8, False)
+        result = downstream(lm.model, splice, batches, torch.device("cpu"))
+        verdicts[name] = result.metrics()
+    random, trained = verdicts["random"], verdicts["trained"]
+    assert random["ce_loss_recovered"] is None and "zero ablation" in random["ce_loss_recovered_reason"]
+    assert random["ablation_gap_zero"]["gap"] < 0.01 * random["ce_clean"]
+    assert trained["ce_loss_recovered"] is not None and trained["ce_loss_recovered_reason"] is None
+    assert trained["ablation_gap_zero"]["gap"] > 10 * trained["ablation_gap_zero"]["standard_error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig
 
 from sae_pipeline import model as model_mod
+from sae_pipeline import smollm2
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.layers import layer_names, meta_model
 from sae_pipeline.model import (
@@ -17,6 +19,7 @@ from sae_pipeline.model import (
     hidden_size,
     load_config,
     load_language_model,
+    model_source,
     num_layers,
     resolve_device,
     resolve_dtype,
@@ -182,3 +185,72 @@ def test_load_error_helper_uses_the_cause():
     outer.__cause__ = inner
     err = model_mod._load_error("org/x", outer)
     assert "401 gated repo" in str(err) and "more detail" not in str(err) and "HF_TOKEN" in str(err)
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF files
+
+
+def test_gguf_file_is_a_valid_model_id_and_a_missing_one_is_named():
+    gguf = smollm2.gguf_path()
+    check_model_id(str(gguf))
+    assert model_source(str(gguf)) == (str(gguf.parent), {"gguf_file": gguf.name})
+    assert model_source("org/name") == ("org/name", {})
+    with pytest.raises(
+        PipelineError, match=r"^MODEL_ID='/no/such/model\.gguf' names a \.gguf file that does not exist$"
+    ):
+        check_model_id("/no/such/model.gguf")
+
+
+def test_gguf_without_the_gguf_package_says_what_to_install(monkeypatch):
+    gguf = str(smollm2.gguf_path())
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what Python does for a package that is not installed
+    for call in (check_model_id, load_config):
+        with pytest.raises(PipelineError) as info:
+            call(gguf)
+        msg = str(info.value)
+        assert msg.startswith(f"MODEL_ID={gguf!r} is a GGUF file") and "pip install gguf" in msg and "\n" not in msg
+
+
+def test_gguf_loads_dequantised_like_its_converted_folder(smollm2_model, tmp_path):
+    """MODEL_ID=<file>.gguf through the real loader, against the model folder converted from it (bf16 weights)."""
+    gguf = str(smollm2.gguf_path())
+    cfg = load_config(gguf)
+    assert (num_layers(cfg), hidden_size(cfg), cfg.num_key_value_heads, cfg.vocab_size) == (30, 576, 3, 49152)
+    from_gguf = load_language_model(gguf, tmp_path / "store", torch.device("cpu"), torch.float32)
+    from_folder = load_language_model(str(smollm2_model), tmp_path / "store", torch.device("cpu"), torch.float32)
+    assert from_gguf.layers.get_layer_names() == from_folder.layers.get_layer_names()
+    text = "The quick brown fox jumps over the lazy dog near the river."
+    ids = from_gguf.tokenizer(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, from_folder.tokenizer(text, return_tensors="pt")["input_ids"])
+    tok = from_folder.tokenizer
+    assert (tok.padding_side, tok.pad_token, tok.eos_token, tok.bos_token_id in ids[0].tolist()) == (
+        "right",
+        "<|im_end|>",
+        "<|im_end|>",
+        False,
+    )
+    with torch.inference_mode():
+        ce = [float(m.model(input_ids=ids, labels=ids).loss) for m in (from_gguf, from_folder)]
+    assert 3.0 < ce[0] < 5.0  # a trained model: log(49152) = 10.8 would be chance
+    assert ce[1] == pytest.approx(ce[0], abs=0.02)  # bf16 rounding of the dequantised weights only
+
+
+def test_converted_folder_is_an_ordinary_model_written_once(smollm2_model):
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(smollm2_model)
+    assert getattr(cfg, "quantization_config", None) is None and cfg.tie_word_embeddings
+    with safe_open(smollm2_model / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied to the embedding, stored once
+        assert f.get_tensor("model.embed_tokens.weight").dtype is torch.bfloat16
+    stamp = (smollm2_model / "model.safetensors").stat().st_mtime_ns
+    assert smollm2.model_folder(smollm2_model.parent) == smollm2_model  # the cached folder, not a new conversion
+    assert (smollm2_model / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in smollm2_model.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_missing_smollm2_package_is_named(monkeypatch):
+    monkeypatch.setattr(smollm2, "PACKAGE", "llm-no-such-package")
+    with pytest.raises(PipelineError, match=r"pip install llm-no-such-package"):
+        smollm2.gguf_path()

@@ -1,4 +1,6 @@
-"""The README's offline demo runs capture -> training -> evaluation, and mi_crow opens what it wrote."""
+"""The README's offline demo (its fast random-model variant) runs capture -> training -> evaluation, mi_crow opens
+what it wrote, and step 3 says that the random model's ablation gap is noise instead of printing a ratio.
+The default, SmolLM2, runs the same scripts; tests/e2e/test_smollm2_pipeline.py runs them on it."""
 
 from __future__ import annotations
 
@@ -20,7 +22,12 @@ def test_demo_command_end_to_end_and_mi_crow_reads_the_outputs(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RUN_ID", "SAE_", "WANDB_"))}
     env["STORE_DIR"] = str(store)
     done = subprocess.run(
-        [sys.executable, "-m", "sae_pipeline.demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sae_pipeline.demo", "--model", "tiny"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "demo finished" in done.stdout
@@ -42,5 +49,9 @@ def test_demo_command_end_to_end_and_mi_crow_reads_the_outputs(tmp_path):
     assert {"loss", "mse", "fvu", "l0", "dead_fraction"} <= set(history["epochs"][-1])
     assert history["epochs"][-1]["fvu"] < history["epochs"][0]["fvu"] < 1.0
     metrics = json.loads((sae_dir / "evaluation" / "metrics.json").read_text())
-    assert torch.isfinite(torch.tensor(metrics["downstream"]["ce_sae"]))
+    d = metrics["downstream"]
+    assert torch.isfinite(torch.tensor(d["ce_sae"]))
+    # a random model: zero-ablating the layer changes nothing that matters, so no ratio is reported
+    assert d["ce_loss_recovered"] is None and d["ablation_gap_zero"]["gap"] < 0.01 * d["ce_clean"]
+    assert "CE-loss recovered: none, because zero ablation changes CE by" in done.stdout
     assert (sae_dir / "evaluation" / "feature_browser.html").stat().st_size > 10_000
