@@ -38,6 +38,8 @@ import torch
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.store import ActivationRun
 
+DEVICE_CHUNK_BATCHES = 16  # batches per host-to-GPU copy
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -81,11 +83,14 @@ class TokenLoader:
         buffer_tokens: int,
         rank: int = 0,
         world_size: int = 1,
+        pin_memory: bool = False,
     ):
         if not 0 < holdout_fraction <= 0.5:
             raise PipelineError(f"HOLDOUT_FRACTION={holdout_fraction} is not valid: use a value in (0, 0.5]")
         self.run, self.layer_signature, self.d_model = run, layer_signature, d_model
         self.batch_size, self.seed, self.buffer_tokens = batch_size, seed, buffer_tokens
+        self.pin_memory = pin_memory
+        self.itemsize = getattr(torch, run.read_meta().get("store_dtype", "float32")).itemsize
         indices = sorted(run.completed_shards())
         if not indices:
             raise PipelineError(f"activation run {run.run_id!r} has no shards in {run.dir}")
@@ -113,6 +118,17 @@ class TokenLoader:
             )
         sizes = [full * self.local_batch + last // world_size + (r < last % world_size) for r in range(world_size)]
         self.token_range = (sum(sizes[:rank]), sum(sizes[: rank + 1]))  # of each epoch's shard order
+
+    # -- memory ----------------------------------------------------------------------------------------------------
+    def host_bytes(self) -> int:
+        """Host memory at most: the group being consumed, the next one, and the shard being read into it."""
+        largest = max(s.n_tokens for s in self.shards)
+        group = max(min(self.buffer_tokens, self.n_train), largest)
+        return (2 * group + largest) * self.d_model * self.itemsize
+
+    def device_bytes(self) -> int:
+        """GPU memory of the copies in flight (two chunks) and a batch cast to float32."""
+        return (2 * DEVICE_CHUNK_BATCHES * self.itemsize + 4) * self.local_batch * self.d_model
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def read(self, shard: ShardSplit) -> torch.Tensor:
@@ -154,44 +170,37 @@ class TokenLoader:
         start = 0
         for piece in group:
             acts = self.read(piece.shard)[piece.start : piece.stop]
-            if out is None:
-                out = torch.empty((n, self.d_model), dtype=acts.dtype)
+            if out is None:  # pinned when the batches go to a GPU: the copies are then asynchronous DMA
+                out = torch.empty((n, self.d_model), dtype=acts.dtype, pin_memory=self.pin_memory)
             out[positions[start : start + piece.n_train]] = acts
             start += piece.n_train
         assert out is not None
         return out
 
-    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def iter_epoch(self, epoch: int, start_step: int = 0, device: torch.device | None = None) -> Iterator[torch.Tensor]:
         """Batches ``start_step``.. of ``epoch`` (this rank's part of each step, BATCH_SIZE_TRAIN / world_size
-        tokens); the next group is read in the background while one is consumed."""
-        batch_size = self.local_batch
-        skip = start_step * batch_size  # tokens already trained on: whole leading groups, then part of one
+        tokens), on ``device`` when it is a GPU (else on the CPU, in the stored dtype)."""
+        blocks = self._shuffled_groups(epoch, start_step * self.local_batch)
+        if device is not None and device.type == "cuda":
+            blocks = to_device(blocks, device, DEVICE_CHUNK_BATCHES * self.local_batch)
+        return rebatch(blocks, self.local_batch)
+
+    def _shuffled_groups(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+        """The epoch's permuted groups, less the first ``skip`` tokens (already trained on: whole leading groups
+        are never read, then part of one); the next group is read in the background while one is consumed."""
         todo = list(enumerate(self.groups(epoch)))
         while todo and skip >= (n := sum(p.n_train for p in todo[0][1])):
             skip -= n
             todo.pop(0)
         if not todo:
             return
-        pending: list[torch.Tensor] = []
-        pending_n = 0
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(self._load_group, epoch, *todo[0])
             for i in range(len(todo)):
                 tokens = future.result()
                 if i + 1 < len(todo):
                     future = pool.submit(self._load_group, epoch, *todo[i + 1])
-                if skip:
-                    tokens, skip = tokens[skip:], 0
-                while tokens.shape[0]:
-                    take = min(batch_size - pending_n, tokens.shape[0])
-                    pending.append(tokens[:take])
-                    pending_n += take
-                    tokens = tokens[take:]
-                    if pending_n == batch_size:
-                        yield pending[0] if len(pending) == 1 else torch.cat(pending)
-                        pending, pending_n = [], 0
-            if pending_n:
-                yield torch.cat(pending)
+                yield tokens[skip:] if i == 0 else tokens
 
     def sample(self, n: int) -> torch.Tensor:
         """Up to ``n`` training tokens from the start of epoch 0's order (a random sample of the first group)."""
@@ -210,3 +219,44 @@ class TokenLoader:
             if shard.n_holdout:
                 held = self.read(shard)[shard.n_train :]
                 yield from held.split(batch_size)
+
+
+def rebatch(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive blocks of tokens cut into batches of ``batch_size`` (the last one may be shorter); a batch that
+    spans two blocks is concatenated, every other one is a view."""
+    pending: list[torch.Tensor] = []
+    pending_n = 0
+    for tokens in blocks:
+        while tokens.shape[0]:
+            take = min(batch_size - pending_n, tokens.shape[0])
+            pending.append(tokens[:take])
+            pending_n += take
+            tokens = tokens[take:]
+            if pending_n == batch_size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, pending_n = [], 0
+    if pending_n:
+        yield torch.cat(pending)
+
+
+def to_device(blocks: Iterator[torch.Tensor], device: torch.device, chunk_tokens: int) -> Iterator[torch.Tensor]:
+    """Pinned host blocks to the GPU in chunks of ``chunk_tokens``, each copied on a side stream while the trainer
+    works on the previous one (the trainer's stream waits for a chunk's copy only when it reaches it)."""
+    copy_stream, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    in_flight: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    for block in blocks:
+        for part in block.split(chunk_tokens):
+            with torch.cuda.stream(copy_stream):
+                moved = part.to(device, non_blocking=True)
+            copied = copy_stream.record_event()
+            if in_flight is not None:
+                yield _on_stream(*in_flight, compute)
+            in_flight = (moved, copied)
+    if in_flight is not None:
+        yield _on_stream(*in_flight, compute)
+
+
+def _on_stream(tensor: torch.Tensor, copied: torch.cuda.Event, stream: torch.cuda.Stream) -> torch.Tensor:
+    stream.wait_event(copied)
+    tensor.record_stream(stream)  # allocated on the copy stream, used on this one: not reused before it is done
+    return tensor
