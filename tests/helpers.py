@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,3 +16,16 @@ def run_script(script: str, env: dict[str, str], *args: str, timeout: float = 30
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def train_env(store: Path, settings: dict[str, str], **overrides: str) -> dict[str, str]:
+    """The environment of a step-2 subprocess: this one's, less every variable of the pipeline, SLURM and torchrun
+    that could leak in, plus STORE_DIR, one thread and ``settings``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SAE_", "WANDB_", "RUN_ID", "TRAIN_", "TORCHELASTIC_", "LAYER_"))
+        and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update({"STORE_DIR": str(store), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **settings, **overrides})
+    return env

@@ -17,6 +17,7 @@ from sae_pipeline.store import ActivationRun, LayerSpec, Store, atomic_save_tens
 
 LAYER = "llamaforcausallm_model_layers_1_post_attention_layernorm"
 LAYER3 = "llamaforcausallm_model_layers_3_post_attention_layernorm"
+RUN_FOLDER = ["history.json", "meta.json", "model.pt", "saelens", "training_curves.png"]  # a finished SAE's folder
 
 
 def synthetic_tokens(n: int, d: int, seed: int = 0, n_features: int = 96, active: int = 4) -> torch.Tensor:

@@ -14,7 +14,7 @@ from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import SAE_RUN_ID_FILE, Store, training_runs
 from sae_pipeline.train import auxk_loss, geometric_median, lr_factor, train_sae
 from sae_pipeline.train_data import TokenLoader
-from tests.sae_fixtures import LAYER, LAYER3, make_run
+from tests.sae_fixtures import LAYER, LAYER3, RUN_FOLDER, make_run
 
 SMALL = dict(
     batch_size_train=128,
@@ -115,13 +115,7 @@ def test_train_writes_every_output_and_mi_crow_loads_the_model(tmp_path, capsys)
     make_run(tmp_path, shard_sizes=(1500, 1000, 1200))
     out = train_sae(_settings(tmp_path), None, "sae_a")
     assert (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "sae_a"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "history.json",
-        "meta.json",
-        "model.pt",
-        "saelens",
-        "training_curves.png",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FOLDER
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kind"] == "sae" and meta["status"] == "complete" and meta["k"] == 4 and meta["sweep_id"] is None
     assert (meta["d_in"], meta["n_latents"], meta["activation_run_id"]) == (32, 128, "acts")

@@ -13,7 +13,6 @@ the next checkpoint: whatever was not committed is ignored on resume.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,8 +25,8 @@ import torch
 from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import SAE_RUN_ID_FILE, Store, training_runs
 from sae_pipeline.train import train_sae
-from tests.helpers import REPO
-from tests.sae_fixtures import LAYER, LAYER3, make_run
+from tests.helpers import REPO, run_script, train_env
+from tests.sae_fixtures import LAYER, LAYER3, RUN_FOLDER, make_run
 
 SHARDS = (1400, 1200, 1600, 1300, 1500, 1200)  # 122 steps of 64 tokens per epoch
 SETTINGS = dict(
@@ -41,14 +40,6 @@ SETTINGS = dict(
     LOG_EVERY_STEPS="10",
     SHUFFLE_BUFFER_TOKENS="5000",
 )
-
-
-def _env(store: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "WANDB_", "RUN_ID", "TRAIN_"))}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LAYER_NUM", "LAYER_SIGNATURE"):
-        env.pop(name, None)
-    env.update({"STORE_DIR": str(store), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **SETTINGS, **overrides})
-    return env
 
 
 def _start(env: dict[str, str], sae_run_id: str) -> subprocess.Popen:
@@ -120,7 +111,7 @@ def assert_same_training(got: Path, want: Path) -> None:
 
 def test_a_kill_then_a_stop_in_a_later_epoch_end_with_the_uninterrupted_model(tmp_path):
     make_run(tmp_path, shard_sizes=SHARDS)
-    env = _env(tmp_path)
+    env = train_env(tmp_path, SETTINGS)
     out = tmp_path / "runs" / "killed"
     commit = out / "checkpoint.json"
 
@@ -144,26 +135,13 @@ def test_a_kill_then_a_stop_in_a_later_epoch_end_with_the_uninterrupted_model(tm
     assert f"stopped by SIGUSR1 at step {stopped['step']} " in err
 
     # 3. resumed to the end
-    done = subprocess.run(
-        [sys.executable, str(REPO / "02_train_sae.py"), "--sae_run_id", "killed"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_script("02_train_sae.py", env, "--sae_run_id", "killed")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _resumed_at(done.stderr) == stopped["step"]
     steps_per_epoch = (stopped["step"] - stopped["step_in_epoch"]) // stopped["epoch"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["total_steps"] == 4 * steps_per_epoch
-    assert sorted(p.name for p in out.iterdir()) == [
-        "history.json",
-        "meta.json",
-        "model.pt",
-        "saelens",
-        "training_curves.png",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FOLDER
     assert (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "killed"
     assert_same_training(out, _reference(tmp_path, "reference"))
 
@@ -171,21 +149,14 @@ def test_a_kill_then_a_stop_in_a_later_epoch_end_with_the_uninterrupted_model(tm
 def test_a_killed_sweep_resumes_every_sae_at_the_same_step_and_ends_like_the_uninterrupted_sweep(tmp_path):
     make_run(tmp_path, shard_sizes=SHARDS, layers=(LAYER, LAYER3))
     sweep = dict(TOP_K="4,8", EPOCHS="2")
-    env = _env(tmp_path, **sweep)
+    env = train_env(tmp_path, SETTINGS, **sweep)
     commit = tmp_path / "runs" / "sw" / "checkpoint.json"
     proc = _start(env, "sw")
     record = _wait_for_commit(proc, commit, lambda r: r["step"] >= 75)
     _kill(proc)
     assert len(record["members"]) == 4
 
-    done = subprocess.run(
-        [sys.executable, str(REPO / "02_train_sae.py"), "--sae_run_id", "sw"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_script("02_train_sae.py", env, "--sae_run_id", "sw")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _resumed_at(done.stderr) >= record["step"]
     assert (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "sw"
