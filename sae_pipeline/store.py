@@ -524,9 +524,10 @@ class CheckpointCommit:
 
 class Sweep:
     """A sweep's folder, ``runs/<sweep_id>/``: ``sweep.json`` (kind "sweep": the grid, the data seed, every member's
-    id and values, the status) and, while training, the commit file(s) of the processes training it
-    (``checkpoint.json``; in a SLURM array, ``checkpoint.task<t>of<T>.json``). Each member is an ordinary
-    ``TrainingRun`` in ``runs/<sweep_id>.<member suffix>/``, evaluable on its own.
+    id and values, the status; once complete, every member's held-out metrics), ``frontier.png`` once complete,
+    and while training the commit file(s) of the processes training it (``checkpoint.json``; in a SLURM array,
+    ``checkpoint.task<t>of<T>.json``). Each member is an ordinary ``TrainingRun`` in
+    ``runs/<sweep_id>.<member suffix>/``, evaluable on its own.
 
     Readers (step 3): ``training_runs(store, id)`` gives the members of a sweep id, or the run itself.
     """
@@ -538,6 +539,11 @@ class Sweep:
     @property
     def path(self) -> Path:
         return self.dir / SWEEP_FILE
+
+    @property
+    def frontier_path(self) -> Path:
+        """Held-out FVU against L0 of every member (plots.plot_sweep_frontier), once the sweep is complete."""
+        return self.dir / "frontier.png"
 
     def exists(self) -> bool:
         return self.path.is_file()

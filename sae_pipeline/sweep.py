@@ -307,9 +307,12 @@ class SweepPlan:
             members = sweep.members()
             if not all(run.status() == "complete" for run in members):
                 return False
+            from sae_pipeline.plots import plot_sweep_frontier
+
             record = self.sweep_record("complete")
             for entry, run in zip(record["members"], members):
                 entry["holdout"] = run.read_meta()["final_metrics"]["holdout"]
+            plot_sweep_frontier(record["members"], sweep.frontier_path, title=f"sweep {self.sweep_id}")
             sweep.write(record)
         self.store.write_pointer(self.sweep_id, SAE_RUN_ID_FILE)
         return True

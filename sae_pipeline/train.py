@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -74,35 +74,10 @@ def train_sae(
     ``dist``: this process's place in a torchrun launch (default: the only process)."""
     dist = dist or Dist()
     plan = plan_sweep(settings, run_id, sae_run_id)
-    if not plan.share:
-        if dist.is_main:
-            print(
-                f"task {plan.task_id} of {plan.task_count}: the sweep has only {len(plan.grid)} SAEs, none is this "
-                "task's; nothing to do",
-                file=sys.stderr,
-            )
-        return plan.folder
-    if plan.finished():
-        if dist.is_main:
-            plan.finalize()
-            print(f"training run {plan.sweep_id!r} is already finished ({plan.folder}); nothing to do", file=sys.stderr)
+    if _nothing_to_do(plan, dist):
         return plan.folder
     device = dist.device(settings.device)
-    loaders = {
-        layer.signature: TokenLoader(
-            plan.run,
-            layer.signature,
-            layer.d_model,
-            settings.batch_size_train,
-            settings.holdout_fraction,
-            plan.data_seed,
-            settings.shuffle_buffer_tokens,
-            dist.rank,
-            dist.world_size,
-            pin_memory=device.type == "cuda",
-        )
-        for layer in plan.layers_trained()
-    }
+    loaders = open_loaders(plan, device, dist)
     check_memory(plan, loaders, device, dist.world_size)
     dist.init(device)
     dist.barrier()  # every rank has looked at the run folders before rank 0 writes into them
@@ -112,23 +87,33 @@ def train_sae(
     window = min(settings.dead_tokens_window, max(settings.batch_size_train, loader.n_train * settings.epochs // 10))
     model_id = plan.act_meta.get("model_id")
     trainers = [Trainer(spec, settings, total_steps, window, device, dist, model_id) for spec in plan.specs()]
-    runs, commit = plan.runs(), plan.commit()
-    clock = StageClock(device)
+    runs, commit, clock = plan.runs(), plan.commit(), StageClock(device)
     progress = resume(runs, trainers, commit, clock, dist)
     if progress is None:
         progress = Progress()
         initialize(trainers, loaders, plan, dist)
-    elif dist.is_main:
-        print(
-            f"resumed from step {progress.step} of {total_steps} (epoch {progress.epoch + 1}) using {commit.path}",
-            file=sys.stderr,
-        )
-    save = partial(save_checkpoint, runs, trainers, commit, progress, clock, dist)
+
+    stop = stop or StopFlag().install()
     wandb = [_start_wandb(settings, run.run_id, plan.config) if dist.is_main else None for run in runs]
     bar = _progress(loader.n_train * settings.epochs, progress.tokens, plan.sweep_id, disable=not dist.is_main)
-    stop = stop or StopFlag().install()
-    fit(trainers, loaders, progress, settings, save, stop, dist, clock, bar, wandb, plan.sweep_id)
+    save = partial(save_checkpoint, runs, trainers, commit, progress, clock, dist)
+    finished = fit(
+        trainers,
+        loaders,
+        progress,
+        settings,
+        save,
+        lambda: dist.any(stop.requested, device),
+        clock,
+        partial(_report_step, bar, wandb, progress),
+    )
     bar.close()
+    if not finished:
+        dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has saved
+        raise StopRequested(
+            f"stopped by {stop.signal_name or 'another rank'} at step {progress.step} of {total_steps}; "
+            f"checkpoint saved, rerun with --sae_run_id {plan.sweep_id} to continue"
+        )
 
     with clock.stage("evaluate"):
         holdout = evaluate_holdout(trainers, loaders, settings.batch_size_train, device, dist)
@@ -140,6 +125,51 @@ def train_sae(
         _report_end(plan, plan.finalize())
     dist.barrier()
     return plan.folder
+
+
+def open_loaders(plan: SweepPlan, device: torch.device, dist: Dist) -> dict[str, TokenLoader]:
+    """One shuffled loader per layer the process trains, all with the sweep's data seed (the same token order)."""
+    s = plan.settings
+    return {
+        layer.signature: TokenLoader(
+            plan.run,
+            layer.signature,
+            layer.d_model,
+            s.batch_size_train,
+            s.holdout_fraction,
+            plan.data_seed,
+            s.shuffle_buffer_tokens,
+            dist.rank,
+            dist.world_size,
+            pin_memory=device.type == "cuda",
+        )
+        for layer in plan.layers_trained()
+    }
+
+
+def _nothing_to_do(plan: SweepPlan, dist: Dist) -> bool:
+    if plan.share and not plan.finished():
+        return False
+    if dist.is_main and not plan.share:
+        print(
+            f"task {plan.task_id} of {plan.task_count}: the sweep has only {len(plan.grid)} SAEs, none is this "
+            "task's; nothing to do",
+            file=sys.stderr,
+        )
+    elif dist.is_main:
+        plan.finalize()
+        print(f"training run {plan.sweep_id!r} is already finished ({plan.folder}); nothing to do", file=sys.stderr)
+    return True
+
+
+def _report_step(bar, wandb: list, progress: Progress, n_tokens: int, lines: list[dict[str, Any]] | None) -> None:
+    """The progress bar, and on log steps W&B (when set up)."""
+    bar.update(n_tokens)
+    if lines:
+        bar.set_postfix(fvu=f"{lines[0]['fvu']:.3f}", l0=f"{lines[0]['l0']:.1f}", refresh=False)
+        for wandb_run, line in zip(wandb, lines):
+            if wandb_run is not None:
+                wandb_run.log(line, step=progress.step)
 
 
 def _report_end(plan: SweepPlan, complete: bool) -> None:
@@ -174,18 +204,15 @@ def fit(
     loaders: dict[str, TokenLoader],
     progress: Progress,
     settings: TrainSettings,
-    save,
-    stop: StopFlag,
-    dist: Dist,
+    save: Callable[[], None],
+    stop_requested: Callable[[], bool],
     clock: StageClock,
-    bar,
-    wandb: list,
-    sweep_id: str,
-) -> None:
-    """The loop: every global step, one batch per layer, and every trainer of that layer steps on it."""
+    report: Callable[[int, list | None], None],
+) -> bool:
+    """The loop: every global step, one batch per layer, and every trainer of that layer steps on it; history lines
+    and checkpoints on schedule. False when a stop was requested (the checkpoint then saved), True at the end."""
     layers = list(loaders)
     by_layer = [[t for t in trainers if t.spec.layer.signature == layer] for layer in layers]
-    total_steps = trainers[0].total_steps
     while progress.epoch < settings.epochs:
         streams = [loaders[layer].iter_epoch(progress.epoch, progress.step_in_epoch, clock.device) for layer in layers]
         for batches in clock.reading(zip(*streams)):
@@ -196,28 +223,19 @@ def fit(
             progress.step += 1
             progress.step_in_epoch += 1
             progress.tokens += n_tokens
-            bar.update(n_tokens)
-            if progress.step % settings.log_every_steps == 0:
-                lines = [t.log_line(progress) for t in trainers]
-                bar.set_postfix(fvu=f"{lines[0]['fvu']:.3f}", l0=f"{lines[0]['l0']:.1f}", refresh=False)
-                for wandb_run, line in zip(wandb, lines):
-                    if wandb_run is not None:
-                        wandb_run.log(line, step=progress.step)
-            stopping = dist.any(stop.requested, clock.device)
+            log = progress.step % settings.log_every_steps == 0
+            report(n_tokens, [t.log_line(progress) for t in trainers] if log else None)
+            stopping = stop_requested()
             if stopping or progress.step % settings.checkpoint_every_steps == 0:
                 save()
             if stopping:
-                bar.close()
-                dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has saved
-                raise StopRequested(
-                    f"stopped by {stop.signal_name or 'another rank'} at step {progress.step} of {total_steps}; "
-                    f"checkpoint saved, rerun with --sae_run_id {sweep_id} to continue"
-                )
+                return False
         for trainer in trainers:
             trainer.end_epoch(progress)
         progress.epoch += 1
         progress.step_in_epoch = 0
         save()
+    return True
 
 
 # -- one SAE -------------------------------------------------------------------------------------------------------
@@ -469,6 +487,12 @@ def resume(
         if dist.is_main:
             run.remove_checkpoints(keep=progress.step)  # an uncommitted later step's files, left by a kill
     clock.load_state_dict(record["clock"])
+    if dist.is_main:
+        print(
+            f"resumed from step {progress.step} of {trainers[0].total_steps} (epoch {progress.epoch + 1}) using "
+            f"{commit.path}",
+            file=sys.stderr,
+        )
     return progress
 
 

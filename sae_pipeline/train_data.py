@@ -28,6 +28,7 @@ counts, hence unequal steps, and the same rank/data pairing every epoch). The he
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from sae_pipeline.errors import PipelineError
 from sae_pipeline.store import ActivationRun
 
 DEVICE_CHUNK_BATCHES = 16  # batches per host-to-GPU copy
+READ_THREADS = 8  # shards of a group read and shuffled at once (at most the CPUs this process may use)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ class TokenLoader:
         self.run, self.layer_signature, self.d_model = run, layer_signature, d_model
         self.batch_size, self.seed, self.buffer_tokens = batch_size, seed, buffer_tokens
         self.pin_memory = pin_memory
-        self.itemsize = getattr(torch, run.read_meta().get("store_dtype", "float32")).itemsize
+        self.dtype: torch.dtype = getattr(torch, run.read_meta().get("store_dtype", "float32"))
+        self.itemsize = self.dtype.itemsize
+        self._readers = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(os.sched_getaffinity(0))))
         indices = sorted(run.completed_shards())
         if not indices:
             raise PipelineError(f"activation run {run.run_id!r} has no shards in {run.dir}")
@@ -162,19 +166,20 @@ class TokenLoader:
         return groups
 
     def _load_group(self, epoch: int, g: int, group: list[Piece]) -> torch.Tensor:
-        """The group's training tokens, permuted, written straight to their shuffled places (peak: group + shard)."""
+        """The group's training tokens, permuted: each shard read (a memory map of the file) and written straight to
+        its tokens' shuffled places, several shards at once (they fill disjoint rows)."""
         n = sum(p.n_train for p in group)
         key = [self.seed, epoch, g] + ([self.rank] if self.world_size > 1 else [])
-        positions = torch.from_numpy(np.random.default_rng(key).permutation(n))
-        out: torch.Tensor | None = None
-        start = 0
-        for piece in group:
-            acts = self.read(piece.shard)[piece.start : piece.stop]
-            if out is None:  # pinned when the batches go to a GPU: the copies are then asynchronous DMA
-                out = torch.empty((n, self.d_model), dtype=acts.dtype, pin_memory=self.pin_memory)
-            out[positions[start : start + piece.n_train]] = acts
-            start += piece.n_train
-        assert out is not None
+        positions = np.random.default_rng(key).permutation(n)
+        # pinned when the batches go to a GPU: the copies are then asynchronous DMA
+        out = torch.empty((n, self.d_model), dtype=self.dtype, pin_memory=self.pin_memory)
+        starts = np.cumsum([0] + [p.n_train for p in group[:-1]]).tolist()
+
+        def place(piece: Piece, start: int) -> None:
+            rows = self.read(piece.shard)[piece.start : piece.stop]
+            _numpy(out)[positions[start : start + piece.n_train]] = _numpy(rows)  # a row copy: 3x torch's index_put
+
+        list(self._readers.map(place, group, starts))
         return out
 
     def iter_epoch(self, epoch: int, start_step: int = 0, device: torch.device | None = None) -> Iterator[torch.Tensor]:
@@ -219,6 +224,11 @@ class TokenLoader:
             if shard.n_holdout:
                 held = self.read(shard)[shard.n_train :]
                 yield from held.split(batch_size)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a numpy array (bfloat16 as int16: numpy has no bfloat16, a copy is a copy)."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def rebatch(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:

@@ -270,7 +270,7 @@ def test_an_sae_of_a_sweep_equals_the_same_sae_trained_alone(tmp_path, capsys):
     sweep's data seed (the first SEED); sweep.json lists them with their held-out metrics."""
     make_run(tmp_path)
     out = train_sae(_settings(tmp_path, top_k=(4, 8), seed=(1, 2), epochs=2), None, "sw")
-    assert out == tmp_path / "runs" / "sw" and sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+    assert out == tmp_path / "runs" / "sw" and sorted(p.name for p in out.iterdir()) == ["frontier.png", "sweep.json"]
     assert (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "sw"
     assert "Sweep sw complete: 4 SAEs" in capsys.readouterr().out
     sweep = json.loads((out / "sweep.json").read_text())
@@ -319,7 +319,7 @@ def test_an_array_splits_the_sweep_and_its_last_task_completes_it(tmp_path, caps
     assert all(r.status() == "complete" for r in runs.values())
     assert json.loads((tmp_path / "runs" / "arr" / "sweep.json").read_text())["status"] == "complete"
     assert (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "arr"
-    assert sorted(p.name for p in (tmp_path / "runs" / "arr").iterdir()) == ["sweep.json"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "arr").iterdir()) == ["frontier.png", "sweep.json"]
     train_sae(_settings(tmp_path, **grid, train_task_id=0), None, "arr")  # a finished share: nothing to do
     assert "already finished" in capsys.readouterr().err
 

@@ -103,7 +103,7 @@ def test_a_sweep_on_two_processes_follows_the_one_process_curves(tmp_path):
         # one set of outputs, written by rank 0
         assert sorted(p.name for p in two.dir.iterdir()) == RUN_FOLDER
         assert PipelineSae.load(two.model_path).sae_engine.W_dec.shape == (128, 32)
-    assert sorted(p.name for p in (tmp_path / "runs" / "two").iterdir()) == ["sweep.json"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "two").iterdir()) == ["frontier.png", "sweep.json"]
 
 
 def test_a_stop_on_one_rank_stops_both_and_only_two_processes_resume_it(tmp_path):
