@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from train_speed import LAYER, synthetic_run
+from train_speed import LAYER, machine, synthetic_run
 
 from sae_pipeline.store import ActivationRun, Store
 from sae_pipeline.train_data import TokenLoader
@@ -87,10 +86,7 @@ def main() -> None:
                 "plain_read_tokens_per_s": round(sum(s.n_tokens for s in loader.shards) / t_plain),
                 "loader_train_tokens_per_s": round(loader.n_train / t_ours),
                 "ratio_plain_time_over_loader_time": round(t_plain / t_ours, 3),
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d"),
+                **machine(),
             }
         )
     )

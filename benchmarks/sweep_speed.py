@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-from train_speed import synthetic_run
+from train_speed import machine, synthetic_run
 
 from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import Store, training_runs
@@ -85,10 +84,7 @@ def main() -> None:
                 "wall_time_ratio_sweep_over_separate": round(sweep_s / sum(separate_s), 3),
                 "sweep_stages": members[0].read_meta()["timing"],
                 "max_abs_difference_sweep_vs_alone": differences,
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d"),
+                **machine(),
             }
         )
     )

@@ -63,6 +63,16 @@ def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_00
     return run_id
 
 
+def machine() -> dict[str, str | int]:
+    """Where and when a benchmark ran, for RESULTS.md."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def bare_loop(x_all: torch.Tensor, n_latents: int, k: int, batch: int, lr: float) -> float:
     """tokens/s of a minimal TopK SAE training loop over one pass of ``x_all`` (in memory, on its device)."""
     d, device = x_all.shape[1], x_all.device
@@ -139,10 +149,7 @@ def main() -> None:
                 "bare_tokens_per_s": [round(bare), round(bare2)],
                 "ratio": round(ours / ((bare + bare2) / 2), 3),
                 "timing": m["timing"],  # read / step / checkpoint / evaluate s; on CUDA GPU busy fraction, peak
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d"),
+                **machine(),
             }
         )
     )

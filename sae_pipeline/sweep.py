@@ -216,7 +216,8 @@ RESUME_MAY_CHANGE = {
 
 @dataclass
 class SweepPlan:
-    """What this process trains: the grid (all of it, for ids and sweep.json) and its own share of it."""
+    """What this process trains: the grid (all of it, for ids and sweep.json), its own share of it (``share``) and,
+    of that, the SAEs not complete yet (``todo``: a share finished but for one SAE trains that one only)."""
 
     settings: TrainSettings
     store: Store
@@ -226,6 +227,7 @@ class SweepPlan:
     grid: list[SaeSpec]
     ids: list[str]
     share: list[int]
+    todo: list[int]
     task_id: int
     task_count: int
     data_seed: int
@@ -241,9 +243,14 @@ class SweepPlan:
         return self.store.run_dir(self.sweep_id)
 
     def specs(self) -> list[SaeSpec]:
-        return [self.grid[i] for i in self.share]
+        """The SAEs this process trains (``todo``), in grid order; ``runs()`` are their folders."""
+        return [self.grid[i] for i in self.todo]
 
     def runs(self) -> list[TrainingRun]:
+        return [TrainingRun(self.store, self.ids[i]) for i in self.todo]
+
+    def own_runs(self) -> list[TrainingRun]:
+        """This task's whole share, complete or not."""
         return [TrainingRun(self.store, self.ids[i]) for i in self.share]
 
     def layers_trained(self) -> list[LayerSpec]:
@@ -253,7 +260,7 @@ class SweepPlan:
         return Sweep(self.store, self.sweep_id).commit(self.task_id, self.task_count)
 
     def finished(self) -> bool:
-        return all(run.status() == "complete" for run in self.runs())
+        return not self.todo
 
     def member_meta(self, spec: SaeSpec, run_id: str) -> dict[str, Any]:
         """What every meta.json of a member holds, running or complete."""
@@ -300,7 +307,7 @@ class SweepPlan:
         complete (whichever task gets there last), sweep.json marked complete with every member's held-out
         metrics. Then sae_run_id.txt points to the id. False while other tasks' members are still training."""
         self.commit().remove()
-        for run in self.runs():
+        for run in self.own_runs():
             run.remove_checkpoints()
         if self.is_sweep:
             sweep = Sweep(self.store, self.sweep_id)
@@ -327,10 +334,10 @@ class SweepPlan:
             single = TrainingRun(self.store, self.sweep_id)
             if single.status() is not None:  # an SAE's folder (status() refuses one holding anything else)
                 check_same_config(single.read_meta()["config"], self.config, self.sweep_id)
-        for run in self.runs():
+        for run in self.own_runs():
             if run.status() is not None:
                 check_same_config(run.read_meta()["config"], self.config, run.run_id)
-        mine, own = {run.run_id for run in self.runs()}, self.commit().path
+        mine, own = {run.run_id for run in self.own_runs()}, self.commit().path
         for other in sweep.commits():
             taken = mine & set((other.read() or {}).get("members", ()))
             if other.path != own and taken:
@@ -366,6 +373,7 @@ def plan_sweep(settings: TrainSettings, run_id: str | None, sae_run_id: str | No
         grid,
         member_ids(sweep_id, grid, settings),
         task_share(len(grid), task_id, task_count),
+        [],
         task_id,
         task_count,
         data_seed,
@@ -373,6 +381,7 @@ def plan_sweep(settings: TrainSettings, run_id: str | None, sae_run_id: str | No
     )
     store.ensure_writable()
     plan.check_existing()
+    plan.todo = [i for i, run in zip(plan.share, plan.own_runs()) if run.status() != "complete"]
     return plan
 
 

@@ -472,7 +472,7 @@ def resume(
                 run.remove_checkpoints()  # written before a first commit that never came
         return None
     progress = Progress(record["step"], record["epoch"], record["step_in_epoch"], record["tokens"])
-    if record["members"] != [run.run_id for run in runs]:
+    if not {run.run_id for run in runs} <= set(record["members"]):  # fewer: those complete since are not resumed
         raise PipelineError(f"{commit.path} names other training runs than this sweep's; the sweep was modified")
     if record["world_size"] != dist.world_size:
         n = record["world_size"]

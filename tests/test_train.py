@@ -362,3 +362,38 @@ def test_a_sweep_that_does_not_fit_in_memory_says_how_to_split_it(tmp_path, monk
     assert "6 SAE(s) this process trains need about" in message and "\n" not in message
     assert "SLURM array of 3 tasks (sbatch --array=0-2 submit_train_sae.sh)" in message
     assert not (tmp_path / "runs" / "big").exists() and not list((tmp_path / "runs").glob("big.*"))
+
+
+def test_complete_saes_are_never_retrained_or_rewritten(tmp_path, monkeypatch):
+    """A kill while the outputs are written (one SAE complete, the other not): the rerun writes the other one only.
+    A share run again after another split completed part of it trains only what is missing."""
+    import sae_pipeline.train as train_mod
+
+    make_run(tmp_path)
+    sweep = dict(top_k=(4, 8), epochs=1)
+    real_write = train_mod.write_outputs
+
+    def write_one_then_die(run, *args):
+        if run.run_id.endswith("k8.x4.topk.s42"):
+            raise Killed
+        real_write(run, *args)
+
+    monkeypatch.setattr(train_mod, "write_outputs", write_one_then_die)
+    with pytest.raises(Killed):
+        train_sae(_settings(tmp_path, **sweep), None, "sw")
+    monkeypatch.setattr(train_mod, "write_outputs", real_write)
+    first = tmp_path / "runs" / "sw.L1.k4.x4.topk.s42"
+    stamp = (first / "model.pt").stat().st_mtime_ns
+    train_sae(_settings(tmp_path, **sweep), None, "sw")
+    assert (first / "model.pt").stat().st_mtime_ns == stamp
+    train_sae(_settings(tmp_path, **sweep), None, "ref")
+    for member in ("L1.k4.x4.topk.s42", "L1.k8.x4.topk.s42"):
+        assert_same_model(tmp_path / "runs" / f"sw.{member}", tmp_path / "runs" / f"ref.{member}")
+
+    train_sae(_settings(tmp_path, **sweep, train_task_id=0, train_task_count=2), None, "split")
+    done = tmp_path / "runs" / "split.L1.k4.x4.topk.s42"
+    stamp = (done / "model.pt").stat().st_mtime_ns
+    train_sae(_settings(tmp_path, **sweep), None, "split")  # the whole sweep in one job: only the k=8 SAE is left
+    assert (done / "model.pt").stat().st_mtime_ns == stamp
+    assert_same_model(tmp_path / "runs" / "split.L1.k8.x4.topk.s42", tmp_path / "runs" / "ref.L1.k8.x4.topk.s42")
+    assert (tmp_path / SAE_RUN_ID_FILE).read_text().strip() == "split"
