@@ -8,6 +8,8 @@ Layout (mi_crow's ``LocalStore`` layout, so ``mi_crow.store.StoreDataloader`` re
     STORE_DIR/runs/<run_id>/batch_<i>/metadata.json
     STORE_DIR/runs/<run_id>/batch_<i>/<layer_signature>/activations.safetensors   {"tensor": [n_tokens, d_model]}
     STORE_DIR/runs/<run_id>/batch_<i>/tokens/provenance.safetensors              {"tensor": int32 [n_tokens, 3]}
+    STORE_DIR/runs/<sae_run_id>/              one SAE: TrainingRun (meta.json kind "sae", model.pt, saelens/, ...)
+    STORE_DIR/runs/<sweep_id>/sweep.json      several SAEs: Sweep; each member a TrainingRun <sweep_id>.<suffix>/
 
 A shard is built in a hidden temporary folder and renamed into place, so ``batch_<i>`` exists only when complete.
 Provenance columns are (document index, position in the tokenized document, token id).

@@ -615,7 +615,8 @@ def check_memory(plan: SweepPlan, loaders: dict[str, TokenLoader], device: torch
 # -- time per stage ------------------------------------------------------------------------------------------------
 class StageClock:
     """Wall seconds spent per stage (read = waiting for the loader, step, checkpoint, evaluate) over the whole run,
-    resumes included; on CUDA also the GPU's busy time during steps (events around each step) and peak memory."""
+    resumes included; on CUDA also the GPU's busy fraction of the training loop (CUDA events around each step) and
+    the peak GPU memory."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -665,9 +666,10 @@ class StageClock:
     def summary(self) -> dict[str, Any]:
         total = self.before_s + time.perf_counter() - self.started
         out: dict[str, Any] = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()} | {"total_s": round(total, 3)}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # busy: the GPU time from each step's first kernel to its last
             self._collect()
-            out |= {"gpu_busy_fraction": round(self.gpu_s / max(total, 1e-9), 4), "peak_memory_bytes": self.peak_bytes}
+            loop = total - self.seconds["evaluate"]
+            out |= {"gpu_busy_fraction": round(self.gpu_s / max(loop, 1e-9), 4), "peak_memory_bytes": self.peak_bytes}
         return out
 
     def state_dict(self) -> dict[str, Any]:
