@@ -2,15 +2,18 @@
 
 Split. Each shard's last ``round(n_tokens x HOLDOUT_FRACTION)`` tokens are held out and never trained on. Shards
 hold consecutive documents, so the held-out slice is (nearly) whole documents; it depends only on the run and the
-fraction, not on SEED, so SAEs trained with different seeds are evaluated on the same tokens.
+fraction, not on the seeds, so SAEs trained with different seeds are evaluated on the same tokens.
 
-Order. Every epoch draws a new order of the shards from (SEED, epoch) and packs them into groups of at most
+Order. Every epoch draws a new order of the shards from (DATA_SEED, epoch) and packs them into groups of at most
 SHUFFLE_BUFFER_TOKENS training tokens (at least one shard). Each group's tokens are permuted together with a
-generator seeded by (SEED, epoch, group), and the epoch is the concatenation of the permuted groups, cut into
+generator seeded by (DATA_SEED, epoch, group), and the epoch is the concatenation of the permuted groups, cut into
 batches of BATCH_SIZE_TRAIN (the last one may be shorter). Every training token appears exactly once per epoch.
-Memory: the group being consumed plus the next one, loaded in a background thread while the trainer works.
+Memory: the group being consumed plus the next one, loaded in a background thread while the trainer works; the
+shards of a group are read (memory maps) and copied row by row to their shuffled places by several threads at once.
+For a GPU the groups are allocated in pinned memory and sent in chunks of 16 batches on a side stream, one chunk
+ahead of the trainer. A sweep gives every layer its own loader with the same seed: the same token order.
 
-Resume. Batch ``b`` of an epoch is a pure function of (run, SEED, epoch, b), so a resumed run skips to its position
+Resume. Batch ``b`` of an epoch is a pure function of (run, DATA_SEED, epoch, b), so a resumed run skips to its position
 by counting tokens per group without reading the skipped shards.
 
 Several processes (torchrun, ``rank`` of ``world_size``). BATCH_SIZE_TRAIN stays the global batch; each rank
@@ -23,7 +26,8 @@ as for one process, every training token is still seen once per epoch, and the r
 order, so which tokens share a step changes from epoch to epoch as with one process. Alternatives rejected: a
 slice of every global batch (every rank would read the whole run), or fixed shards per rank (unequal token
 counts, hence unequal steps, and the same rank/data pairing every epoch). The held-out slice is split by shard
-(rank r evaluates shards r, r + world_size, ...) and the statistics are merged exactly.
+(rank r evaluates shards r, r + world_size, ...) and the statistics are merged exactly. Since a rank's range
+depends on world_size, a checkpoint resumes only with the world size that wrote it (train.py refuses another).
 """
 
 from __future__ import annotations
