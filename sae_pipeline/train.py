@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -53,6 +53,7 @@ from sae_pipeline.preemption import StopFlag, StopRequested
 from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import SAE_RUN_ID_FILE, SWEEP_FILE, CheckpointCommit, TrainingRun, package_versions
 from sae_pipeline.sweep import MemoryEstimate, SaeSpec, SweepPlan, plan_sweep
+from sae_pipeline.timing import StageClock, describe
 from sae_pipeline.train_data import TokenLoader
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 B_DEC_SAMPLE_TOKENS = 32_768
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-STAGES = ("read", "step", "checkpoint", "evaluate")
+STAGES = ("read", "step", "checkpoint", "evaluate")  # where step 2's time goes (timing.StageClock)
 
 
 def train_sae(
@@ -87,7 +88,7 @@ def train_sae(
     window = min(settings.dead_tokens_window, max(settings.batch_size_train, loader.n_train * settings.epochs // 10))
     model_id = plan.act_meta.get("model_id")
     trainers = [Trainer(spec, settings, total_steps, window, device, dist, model_id) for spec in plan.specs()]
-    runs, commit, clock = plan.runs(), plan.commit(), StageClock(device)
+    runs, commit, clock = plan.runs(), plan.commit(), StageClock(device, STAGES)
     progress = resume(runs, trainers, commit, clock, dist)
     if progress is None:
         progress = Progress()
@@ -610,89 +611,6 @@ def check_memory(plan: SweepPlan, loaders: dict[str, TokenLoader], device: torch
     free_host = psutil.virtual_memory().available
     free_device = torch.cuda.mem_get_info(device)[0] if on_gpu else free_host
     estimate.check(free_device, free_host, str(device), plan.task_count)
-
-
-# -- time per stage ------------------------------------------------------------------------------------------------
-class StageClock:
-    """Wall seconds spent per stage (read = waiting for the loader, step, checkpoint, evaluate) over the whole run,
-    resumes included; on CUDA also the GPU's busy fraction of the training loop (CUDA events around each step) and
-    the peak GPU memory."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = dict.fromkeys(STAGES, 0.0)
-        self.before_s, self.started = 0.0, time.perf_counter()  # wall time of earlier sessions, this one's start
-        self.gpu_s, self.peak_bytes = 0.0, 0
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
-
-    def reading(self, batches: Iterable) -> Iterator:
-        """``batches``, with the time spent waiting for each counted as "read"."""
-        it = iter(batches)
-        while True:
-            with self.stage("read"):
-                item = next(it, None)
-            if item is None:
-                return
-            yield item
-
-    @contextlib.contextmanager
-    def gpu_busy(self) -> Iterator[None]:
-        if self.device.type != "cuda":
-            yield
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        yield
-        end.record()
-        self._events.append((start, end))
-        if len(self._events) > 256:
-            self._collect()
-
-    def _collect(self) -> None:
-        for start, end in self._events:
-            end.synchronize()
-            self.gpu_s += start.elapsed_time(end) / 1000
-        self._events.clear()
-        self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
-
-    def summary(self) -> dict[str, Any]:
-        total = self.before_s + time.perf_counter() - self.started
-        out: dict[str, Any] = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()} | {"total_s": round(total, 3)}
-        if self.device.type == "cuda":  # busy: the GPU time from each step's first kernel to its last
-            self._collect()
-            loop = total - self.seconds["evaluate"]
-            out |= {"gpu_busy_fraction": round(self.gpu_s / max(loop, 1e-9), 4), "peak_memory_bytes": self.peak_bytes}
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        summary = self.summary()
-        return {
-            "seconds": dict(self.seconds),
-            "total_s": summary["total_s"],
-            "gpu_s": self.gpu_s,
-            "peak_bytes": self.peak_bytes,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seconds = dict(state["seconds"])
-        self.before_s, self.started = state["total_s"], time.perf_counter()
-        self.gpu_s, self.peak_bytes = state["gpu_s"], state["peak_bytes"]
-
-
-def describe(timing: dict[str, Any]) -> str:
-    """``read 1.2 s, step 30.1 s, checkpoint 0.4 s, evaluate 0.9 s; GPU busy 93%, peak 11.2 GiB``"""
-    text = ", ".join(f"{k} {timing[f'{k}_s']:.1f} s" for k in STAGES)
-    if "gpu_busy_fraction" in timing:
-        text += f"; GPU busy {timing['gpu_busy_fraction']:.0%}, peak {timing['peak_memory_bytes'] / (1 << 30):.1f} GiB"
-    return text
 
 
 # -- the maths -----------------------------------------------------------------------------------------------------
