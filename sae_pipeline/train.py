@@ -95,7 +95,7 @@ def train_sae(
         initialize(trainers, loaders, plan, dist)
 
     stop = stop or StopFlag().install()
-    wandb = [_start_wandb(settings, run.run_id, plan.config) if dist.is_main else None for run in runs]
+    wandb = [_start_wandb(settings, r.run_id, plan.config, len(runs) > 1) if dist.is_main else None for r in runs]
     bar = _progress(loader.n_train * settings.epochs, progress.tokens, plan.sweep_id, disable=not dist.is_main)
     save = partial(save_checkpoint, runs, trainers, commit, progress, clock, dist)
     finished = fit(
@@ -672,19 +672,16 @@ def _progress(total_tokens: int, done: int, name: str, disable: bool = False):
     )
 
 
-def _start_wandb(settings: TrainSettings, sae_run_id: str, config: dict[str, Any]):
-    """Only when WANDB_PROJECT is set; one W&B run per SAE, continued after a resume."""
+def _start_wandb(settings: TrainSettings, sae_run_id: str, config: dict[str, Any], several: bool):
+    """Only when WANDB_PROJECT is set; one W&B run per SAE, continued after a resume (several at once need W&B's
+    ``reinit="create_new"``, wandb >= 0.19.10)."""
     if not settings.wandb_project:
         return None
     import wandb
 
+    extra = {"reinit": "create_new"} if several else {}
     return wandb.init(
-        project=settings.wandb_project,
-        id=sae_run_id,
-        name=sae_run_id,
-        resume="allow",
-        config=config,
-        reinit="create_new",
+        project=settings.wandb_project, id=sae_run_id, name=sae_run_id, resume="allow", config=config, **extra
     )
 
 
