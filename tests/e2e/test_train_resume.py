@@ -54,7 +54,7 @@ def _committed(commit: Path) -> dict | None:
         return None
 
 
-def _wait_for_commit(proc: subprocess.Popen, commit: Path, until, timeout: float = 120) -> dict:
+def _wait_for_commit(proc: subprocess.Popen, commit: Path, until, timeout: float = 600) -> dict:
     """Poll the commit file until ``until(record)``; the process must still be running."""
     deadline = time.time() + timeout
     while time.time() < deadline:
