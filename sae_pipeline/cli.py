@@ -26,7 +26,8 @@ def exit_on_error(fn: Callable[[], object]) -> None:
 
 
 def _fail(message: str, code: int, prefix: str = "error") -> NoReturn:
-    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{prefix}: {message}\n")  # one write: several processes' lines never run into each other
+    sys.stderr.flush()
     sys.exit(code)
 
 

@@ -11,6 +11,7 @@ resume with another count, 2 -> 1 and 1 -> 2, is refused in one line and changes
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_a_stop_on_one_rank_stops_both_and_only_two_processes_resume_it(tmp_path
     os.kill(int(workers[-1]), signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0  # torchrun reports the workers' exit 75 as a failure
-    stops = [line.split(" at step ")[1].split()[0] for line in err.splitlines() if line.startswith("stopped: ")]
+    stops = re.findall(r"stopped: stopped by .+? at step (\d+) ", err)
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]
     assert "stopped by SIGUSR1" in err and "stopped by another rank" in err
     assert json.loads(commit.read_text())["world_size"] == 2 and not (tmp_path / SAE_RUN_ID_FILE).exists()
