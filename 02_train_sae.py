@@ -1,4 +1,4 @@
-"""Step 2: train a TopK sparse autoencoder on a captured activation run.
+"""Step 2: train a TopK sparse autoencoder, or a sweep of them in one pass, on a captured activation run.
 
 Configured by environment variables; see README.md. The logic lives in the sae_pipeline package.
 """

@@ -1,17 +1,21 @@
 #!/bin/bash
-# Submit the whole pipeline: capture (step 1), then training (step 2) once capture succeeded.
+# Submit the whole pipeline: capture (step 1), then training (step 2) once capture succeeded, then evaluation.
 #
 #   ./submit_pipeline.sh [CAPTURE_SBATCH_ARGS...] [-- TRAIN_SBATCH_ARGS...]
 #
 #   ./submit_pipeline.sh                                     # the seed's settings
 #   DATA_LIMIT=5000 EPOCHS=5 ./submit_pipeline.sh            # pipeline variables, as for the single steps
 #   ./submit_pipeline.sh --array=0-7 -- --time=12:00:00      # capture as an 8-task array; training's own args
+#   LAYER_NUM=8,16,24 TOP_K=16,32 ./submit_pipeline.sh -- --array=0-2
+#                                                            # 3 layers captured in one pass, a sweep of 6 SAEs
+#                                                            # trained by 3 tasks (SAEs t, t+3 each)
 #
-# Both jobs get one RUN_ID (and the training one SAE_RUN_ID), so pipelines sharing a store never mix: training
-# reads its activation run by id, not from run_id.txt. Training is submitted with --dependency=afterok on the
-# capture job (the whole array, when --array is given) and --kill-on-invalid-dep=yes: if capture fails, training
-# is cancelled instead of pending forever. If submit_evaluate_sae.sh exists, it is chained after training.
-# Prints run_id=, sae_run_id=, capture_job=, train_job= (and eval_job=) lines.
+# All jobs get one RUN_ID and SAE_RUN_ID (the sweep's id when several SAEs train), so pipelines sharing a store
+# never mix: training reads its activation run by id, not from run_id.txt. Training is submitted with
+# --dependency=afterok on the capture job (the whole array, when --array is given) and --kill-on-invalid-dep=yes:
+# if capture fails, training is cancelled instead of pending forever. If submit_evaluate_sae.sh exists, it is
+# chained after training (all of its tasks) the same way. Prints run_id=, sae_run_id=, capture_job=, train_job=
+# (and eval_job=) lines.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,18 +33,23 @@ for arg in "$@"; do
 done
 
 # An array's tasks get %A_%a log names (job id_task index) unless the caller chose the log names.
-is_array=0 has_output=0 has_error=0
-for arg in "${capture_args[@]+"${capture_args[@]}"}"; do
-    case $arg in
-        --array|--array=*|-a|-a?*) is_array=1 ;;
-        --output|--output=*|-o|-o?*) has_output=1 ;;
-        --error|--error=*|-e|-e?*) has_error=1 ;;
-    esac
-done
-if [ "$is_array" = 1 ]; then
-    [ "$has_output" = 1 ] || capture_args=(--output=sae_save_activations_%A_%a.out "${capture_args[@]}")
-    [ "$has_error" = 1 ] || capture_args=(--error=sae_save_activations_%A_%a.err "${capture_args[@]}")
-fi
+array_logs() {  # array_logs NAME_OF_ARGS_ARRAY LOG_PREFIX
+    local -n args=$1
+    local is_array=0 has_output=0 has_error=0 arg
+    for arg in "${args[@]+"${args[@]}"}"; do
+        case $arg in
+            --array|--array=*|-a|-a?*) is_array=1 ;;
+            --output|--output=*|-o|-o?*) has_output=1 ;;
+            --error|--error=*|-e|-e?*) has_error=1 ;;
+        esac
+    done
+    if [ "$is_array" = 1 ]; then
+        [ "$has_output" = 1 ] || args=(--output="$2_%A_%a.out" "${args[@]+"${args[@]}"}")
+        [ "$has_error" = 1 ] || args=(--error="$2_%A_%a.err" "${args[@]+"${args[@]}"}")
+    fi
+}
+array_logs capture_args sae_save_activations
+array_logs train_args sae_train
 
 submit() {  # prints the job id
     local out
@@ -61,4 +70,4 @@ if [ -f "$PIPELINE_DIR/submit_evaluate_sae.sh" ]; then
         "$PIPELINE_DIR/submit_evaluate_sae.sh")
     echo "eval_job=$eval_job"
 fi
-echo "logs in $PWD (sae_save_activations_*.out/.err, sae_train_*.out/.err); follow with: squeue -u ${USER:-\$USER}" >&2
+echo "logs in $PWD (sae_save_activations_*, sae_train_*, sae_eval_*); follow with: squeue -u ${USER:-\$USER}" >&2

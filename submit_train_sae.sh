@@ -12,15 +12,19 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #
-# Step 2 on SLURM: train a TopK SAE on an activation run (02_train_sae.py).
+# Step 2 on SLURM: train the SAE, or every SAE of a sweep, on an activation run (02_train_sae.py).
 #
 #   sbatch submit_train_sae.sh                            # trains on the run named in $STORE_DIR/run_id.txt
 #   RUN_ID=act_x EPOCHS=5 sbatch submit_train_sae.sh      # a given activation run, other settings
+#   TOP_K=16,32,64 SEED=1,2 sbatch submit_train_sae.sh    # a sweep: 6 SAEs in one pass over the data
+#   TOP_K=16,32,64 SEED=1,2 sbatch --array=0-2 -o sae_train_%A_%a.out -e sae_train_%A_%a.err submit_train_sae.sh
+#                                                         # the same sweep split over 3 tasks: task t trains
+#                                                         # SAEs t, t+3, ... of the grid (2 each here)
 #   sbatch --dependency=afterok:<capture job> submit_train_sae.sh   # or use submit_pipeline.sh
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). SAE_RUN_ID defaults to
-# sae_<cluster>_<job id>, which survives a requeue, so a preempted training resumes from its checkpoint.
-# See README.md, "Running on a SLURM cluster".
+# sae_<cluster>_<job id> (an array's job id for all of its tasks), which survives a requeue, so a preempted
+# training resumes from its checkpoint. See README.md, "Running on a SLURM cluster" and "Sweeps".
 
 # Find the project (SLURM runs a spool copy of this file, so $0 is no guide), then load the shared helpers.
 SAE_PROJECT_DIR=
@@ -38,11 +42,12 @@ done
 : "${N_LATENTS_MULTIPLIER:=8}"
 : "${TOP_K:=8}"
 : "${DEVICE:=cuda}"
-: "${SAE_RUN_ID:=sae_${SLURM_CLUSTER_NAME:-slurm}_${SLURM_JOB_ID:-$(date +%Y%m%d_%H%M%S)}}"
+: "${SAE_RUN_ID:=sae_${SLURM_CLUSTER_NAME:-slurm}_${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-$(date +%Y%m%d_%H%M%S)}}}"
 export EPOCHS BATCH_SIZE_TRAIN N_LATENTS_MULTIPLIER TOP_K DEVICE SAE_RUN_ID
 
 sae_load_modules
 sae_setup_python
 sae_default_store
-sae_log "store: $STORE_DIR, activation run: ${RUN_ID:-from $STORE_DIR/run_id.txt}, SAE run: $SAE_RUN_ID"
+sae_log "store: $STORE_DIR, activation run: ${RUN_ID:-from $STORE_DIR/run_id.txt}, SAE run: $SAE_RUN_ID" \
+    "(TOP_K=$TOP_K${SEED:+, SEED=$SEED}${LAYER_NUM:+, LAYER_NUM=$LAYER_NUM})"
 sae_run_step "step 2 (train SAE)" 02_train_sae.py --sae_run_id "$SAE_RUN_ID"

@@ -20,7 +20,8 @@
 #
 # BATCH_SIZE_TRAIN is the GLOBAL batch (tokens per optimisation step over all GPUs): each GPU takes
 # BATCH_SIZE_TRAIN / (nodes x GPUs per node), which must divide evenly. Same settings, same SAE_RUN_ID handling,
-# preemption and requeue as submit_train_sae.sh; see README.md, "Training on several GPUs".
+# preemption, requeue and sweeps (TOP_K=16,32 ...; --array splits them) as submit_train_sae.sh; see README.md,
+# "Training on several GPUs".
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_train_sae.sh); SAE_GPUS_PER_NODE (default:
 # the GPUs SLURM gave this node); SAE_RDZV_PORT (default 29500), the rendezvous port on the first node.
@@ -41,7 +42,7 @@ done
 : "${N_LATENTS_MULTIPLIER:=8}"
 : "${TOP_K:=8}"
 : "${DEVICE:=cuda}"             # each process uses cuda:LOCAL_RANK
-: "${SAE_RUN_ID:=sae_${SLURM_CLUSTER_NAME:-slurm}_${SLURM_JOB_ID:-$(date +%Y%m%d_%H%M%S)}}"
+: "${SAE_RUN_ID:=sae_${SLURM_CLUSTER_NAME:-slurm}_${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-$(date +%Y%m%d_%H%M%S)}}}"
 export EPOCHS BATCH_SIZE_TRAIN N_LATENTS_MULTIPLIER TOP_K DEVICE SAE_RUN_ID
 
 gpus=${SAE_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
@@ -63,8 +64,8 @@ py=$("${SAE_PYTHON_CMD[@]}" -c 'import sys; print(sys.executable)') || sae_fail 
 sae_default_store
 sae_log "store: $STORE_DIR, activation run: ${RUN_ID:-from $STORE_DIR/run_id.txt}, SAE run: $SAE_RUN_ID," \
     "$nodes node(s) x $gpus GPU(s), global batch $BATCH_SIZE_TRAIN, rendezvous $master:${SAE_RDZV_PORT:-29500}"
-# torchrun reports the training processes' "stopped, state saved" (exit 75) as 1: the checkpoint tells.
-SAE_RESUMABLE_IF_EXISTS=$STORE_DIR/runs/$SAE_RUN_ID/checkpoint.pt
+# torchrun reports the training processes' "stopped, state saved" (exit 75) as 1: the committed checkpoint tells.
+SAE_RESUMABLE_IF_EXISTS="$STORE_DIR/runs/$SAE_RUN_ID/checkpoint*.json"
 sae_run_command "step 2 (train SAE on $nodes x $gpus GPUs)" \
     srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     bash "$SAE_PROJECT_DIR/slurm/torchrun_node.sh" "$py" "$gpus" "$master:${SAE_RDZV_PORT:-29500}" \

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from sae_pipeline.metrics import fvu
-from sae_pipeline.settings import TrainSettings
-from sae_pipeline.store import ActivationRun, Store
+from sae_pipeline.settings import CaptureSettings, TrainSettings
+from sae_pipeline.store import ActivationRun, LayerSpec, Store
 from sae_pipeline.train import train_sae
 from sae_pipeline.train_data import TokenLoader
 
@@ -32,36 +32,45 @@ LAYER = "synthetic_layer"
 
 
 def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_000) -> str:
+    """A complete bf16 activation run of random tokens (a random offset per dimension), written by the store's own
+    manifest builder and shard writer; reused when it exists."""
     run_id = f"speed_d{d}_n{n_tokens}"
     run = ActivationRun(store, run_id)
     if run.is_complete():
         return run_id
-    run.dir.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-n_tokens // shard_tokens)
+    settings = CaptureSettings(store_dir=store.root, model_id="synthetic", hf_dataset="synthetic", docs_per_shard=1)
+    layer = LayerSpec(LAYER, d, None, None)
+    manifest = ActivationRun.new_manifest(
+        settings,
+        run_id,
+        [layer],
+        model_dtype="float32",
+        n_documents=n_shards,
+        n_layers=None,
+        special_token_ids=[],
+        prepend_bos=False,
+    )
+    run.write_meta({**manifest, "n_shards": n_shards})
     gen = torch.Generator().manual_seed(0)
+    offset = torch.randn(d, generator=gen)
     for i, start in enumerate(range(0, n_tokens, shard_tokens)):
         n = min(shard_tokens, n_tokens - start)
-        acts = (torch.randn(n, d, generator=gen) + torch.randn(d, generator=gen)).to(torch.bfloat16)
-        run.write_shard(i, LAYER, acts, torch.zeros(n, 3, dtype=torch.int32), {"n_tokens": n})
-    run.write_meta(
-        {
-            "kind": "activations",
-            "status": "complete",
-            "run_id": run_id,
-            "model_id": "synthetic",
-            "layer_signature": LAYER,
-            "hook_side": "output",
-            "d_model": d,
-            "store_dtype": "bfloat16",
-            "n_tokens": n_tokens,
-            "n_shards": i + 1,
-            "n_documents": 0,
-            "dataset": {},
-            "max_length": 0,
-            "seed": 0,
-            "versions": {},
-        }
-    )
+        acts = (torch.randn(n, d, generator=gen) + offset).to(torch.bfloat16)
+        info = {"index": i, "doc_start": i, "doc_stop": i + 1, "n_tokens": n, "n_empty": 0}
+        run.write_shard(i, LAYER, acts, torch.zeros(n, 3, dtype=torch.int32), info)
+    assert run.finalize_if_complete() is not None
     return run_id
+
+
+def machine() -> dict[str, str | int]:
+    """Where and when a benchmark ran, for RESULTS.md."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def bare_loop(x_all: torch.Tensor, n_latents: int, k: int, batch: int, lr: float) -> float:
@@ -101,6 +110,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--multiplier", type=int, default=4, help="N_LATENTS_MULTIPLIER")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -112,6 +122,7 @@ def main() -> None:
     settings = TrainSettings(
         store_dir=store.root,
         top_k=args.k,
+        n_latents_multiplier=args.multiplier,
         epochs=1,
         batch_size_train=args.batch,
         device=args.device,
@@ -121,26 +132,24 @@ def main() -> None:
     loader = TokenLoader(ActivationRun(store, run_id), layer, d, args.batch, settings.holdout_fraction, 0, 1 << 20)
     x_all = torch.cat([b.float() for b in loader.iter_epoch(0)]).to(args.device)  # the same tokens, in memory
 
-    bare = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr[0])
+    bare = bare_loop(x_all, args.multiplier * d, args.k, args.batch, settings.lr[0])
     out = train_sae(settings, run_id, f"speed_{run_id}_k{args.k}_{time.strftime('%H%M%S')}")
     m = json.loads((out / "meta.json").read_text())
     ours = m["tokens_trained"] / m["elapsed_s"]
-    bare2 = bare_loop(x_all, 4 * d, args.k, args.batch, settings.lr[0])  # again, to bracket machine noise
+    bare2 = bare_loop(x_all, args.multiplier * d, args.k, args.batch, settings.lr[0])  # again, to bracket noise
     print(
         json.dumps(
             {
                 "d_in": d,
-                "n_latents": 4 * d,
+                "n_latents": args.multiplier * d,
                 "k": args.k,
                 "batch": args.batch,
                 "tokens": m["tokens_trained"],
                 "ours_tokens_per_s": round(ours),
                 "bare_tokens_per_s": [round(bare), round(bare2)],
                 "ratio": round(ours / ((bare + bare2) / 2), 3),
-                "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d"),
+                "timing": m["timing"],  # read / step / checkpoint / evaluate s; on CUDA GPU busy fraction, peak
+                **machine(),
             }
         )
     )

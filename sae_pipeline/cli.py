@@ -87,11 +87,12 @@ def save_activations_main(argv: list[str] | None = None) -> None:
 
 
 def train_sae_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Step 2: train a TopK SAE on an activation run.")
+    parser = argparse.ArgumentParser(description="Step 2: train a TopK SAE, or a sweep of SAEs, on an activation run.")
     parser.add_argument("--run_id", help="activation run to train on (default: the one in STORE_DIR/run_id.txt)")
     parser.add_argument(
         "--sae_run_id",
-        help="training run id (default: SAE_RUN_ID, else a fresh one); an unfinished training run is resumed",
+        help="training run id, a sweep's id for several SAEs (default: SAE_RUN_ID, else a fresh one); an unfinished "
+        "run is resumed",
     )
     args = parser.parse_args(argv)
 

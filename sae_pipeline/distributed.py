@@ -4,10 +4,11 @@
 nothing below it reads the environment. With one process (``Dist()``) every method is a no-op, so the
 single-process trainer runs exactly as before.
 
-Why an explicit all-reduce rather than DistributedDataParallel: one collective per step carries the gradients
-(weighted by each rank's token count, so an uneven last batch of an epoch averages like one big batch), the
-per-latent fire counts (so the dead-latent counters, and with them AuxK, are global and identical on every rank),
-the loss for the log, the BatchTopK threshold and the stop flag (so all ranks stop at the same step). It runs
+Why an explicit all-reduce rather than DistributedDataParallel: one collective per SAE and step carries the
+gradients (weighted by each rank's token count, so an uneven last batch of an epoch averages like one big batch),
+the per-latent fire counts (so the dead-latent counters, and with them AuxK, are global and identical on every
+rank), the loss for the log and the BatchTopK threshold; one more per step agrees on a stop signal (``any``), so
+all ranks stop at the same step. It runs
 after backward and before the unscale / decoder-gradient projection / clipping / Adam step, which then see the
 same gradients on every rank and keep the replicas identical (the projection is linear: averaging first changes
 nothing). DDP would need the extra collectives anyway, and would overwrite every rank's BatchTopK threshold with
@@ -94,6 +95,14 @@ class Dist:
         if self.enabled:
             tdist.all_reduce(t)
         return t
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on any (a stop signal reaches one process, all of them stop)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        tdist.all_reduce(t)
+        return bool(t.item() > 0)
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers to every rank (after a fresh initialisation)."""

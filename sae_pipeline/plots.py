@@ -1,5 +1,5 @@
-"""The PNGs: training curves (loss and FVU, L0, dead fraction against tokens seen) and the latents' firing-frequency
-histogram, drawn headless with Agg."""
+"""The PNGs: training curves (loss and FVU, L0, dead fraction against tokens seen), a sweep's sparsity/reconstruction
+frontier and the latents' firing-frequency histogram, drawn headless with Agg."""
 
 from __future__ import annotations
 
@@ -39,6 +39,27 @@ def plot_training_curves(history: dict[str, Any], path: Path, title: str = "") -
         a.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_sweep_frontier(members: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Held-out FVU against L0 for every SAE of a sweep, one line per (layer, expansion, architecture) through its
+    k values, seeds as separate points: the trade-off the sweep measured."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for m in members:
+        layer = f"L{m['layer_num']}" if m.get("layer_num") is not None else m["layer_signature"]
+        series.setdefault(f"{layer} x{m['n_latents_multiplier']} {m['architecture']}", []).append(m)
+    for label, points in series.items():
+        points.sort(key=lambda m: (m["top_k"], m["seed"]))
+        ax.plot([m["holdout"]["l0"] for m in points], [m["holdout"]["fvu"] for m in points], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("held-out L0 (active latents per token)")
+    ax.set_ylabel("held-out FVU")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
 
 

@@ -92,6 +92,22 @@ def _slurm_int(name: str, default: int | None) -> int:
     return int(value)
 
 
+def _array_task(settings: BaseSettings, id_field: str, count_field: str) -> None:
+    """Fill a step's (task id, task count) from SLURM's array variables when neither is set; check the pair."""
+    task_id, count = getattr(settings, id_field), getattr(settings, count_field)
+    if task_id is None and count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        task = _slurm_int("SLURM_ARRAY_TASK_ID", None)
+        first = _slurm_int("SLURM_ARRAY_TASK_MIN", 0)
+        last = _slurm_int("SLURM_ARRAY_TASK_MAX", task)
+        task_id, count = task - first, last - first + 1
+        object.__setattr__(settings, id_field, task_id)
+        object.__setattr__(settings, count_field, count)
+    if (task_id is None) != (count is None):
+        raise ValueError(f"{id_field.upper()} and {count_field.upper()} must be set together")
+    if task_id is not None and task_id >= count:
+        raise ValueError(f"{id_field.upper()}={task_id} must be below {count_field.upper()}={count}")
+
+
 class CaptureSettings(CommonSettings):
     """Variables of step 1 (01_save_activations.py)."""
 
@@ -126,18 +142,7 @@ class CaptureSettings(CommonSettings):
     @model_validator(mode="after")
     def _array_task(self) -> CaptureSettings:
         """In a SLURM array each task captures its own shards of the one run: derive the part from SLURM."""
-        if self.capture_task_id is None and self.capture_task_count is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-            task = _slurm_int("SLURM_ARRAY_TASK_ID", None)
-            first = _slurm_int("SLURM_ARRAY_TASK_MIN", 0)
-            last = _slurm_int("SLURM_ARRAY_TASK_MAX", task)
-            object.__setattr__(self, "capture_task_id", task - first)
-            object.__setattr__(self, "capture_task_count", last - first + 1)
-        if (self.capture_task_id is None) != (self.capture_task_count is None):
-            raise ValueError("CAPTURE_TASK_ID and CAPTURE_TASK_COUNT must be set together")
-        if self.capture_task_id is not None and self.capture_task_id >= self.capture_task_count:
-            raise ValueError(
-                f"CAPTURE_TASK_ID={self.capture_task_id} must be below CAPTURE_TASK_COUNT={self.capture_task_count}"
-            )
+        _array_task(self, "capture_task_id", "capture_task_count")
         return self
 
 
@@ -222,7 +227,24 @@ class TrainSettings(CommonSettings):
     wandb_project: str | None = Field(
         None, min_length=1, description="log metrics to this W&B project (unset: nothing is sent)"
     )
-    sae_run_id: str | None = Field(None, min_length=1, description="training run id (default: a fresh one)")
+    sae_run_id: str | None = Field(
+        None, min_length=1, description="training run id, the sweep's id when several SAEs train (default: a fresh one)"
+    )
+    train_task_id: int | None = Field(
+        None,
+        ge=0,
+        description="this task's share of the sweep: SAEs t, t+T, ... of the grid (default: from "
+        "SLURM_ARRAY_TASK_ID in an array job, else all)",
+    )
+    train_task_count: int | None = Field(
+        None, ge=1, description="number of tasks T the sweep is split into (default: the array's task count)"
+    )
+
+    @model_validator(mode="after")
+    def _array_task(self) -> TrainSettings:
+        """In a SLURM array each task trains its own share of the sweep: derive the share from SLURM."""
+        _array_task(self, "train_task_id", "train_task_count")
+        return self
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainSettings:

@@ -8,6 +8,8 @@ Layout (mi_crow's ``LocalStore`` layout, so ``mi_crow.store.StoreDataloader`` re
     STORE_DIR/runs/<run_id>/batch_<i>/metadata.json
     STORE_DIR/runs/<run_id>/batch_<i>/<layer_signature>/activations.safetensors   {"tensor": [n_tokens, d_model]}
     STORE_DIR/runs/<run_id>/batch_<i>/tokens/provenance.safetensors              {"tensor": int32 [n_tokens, 3]}
+    STORE_DIR/runs/<sae_run_id>/              one SAE: TrainingRun (meta.json kind "sae", model.pt, saelens/, ...)
+    STORE_DIR/runs/<sweep_id>/sweep.json      several SAEs: Sweep; each member a TrainingRun <sweep_id>.<suffix>/
 
 A shard is built in a hidden temporary folder and renamed into place, so ``batch_<i>`` exists only when complete.
 Provenance columns are (document index, position in the tokenized document, token id).
@@ -439,3 +441,153 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+# -- training runs and sweeps -----------------------------------------------------------------------------------------
+SWEEP_FILE = "sweep.json"
+CHECKPOINT_COMMIT = "checkpoint.json"
+CHECKPOINT_STEM = "checkpoint_"
+MEMBER_RUN_STATES = ("running", "complete")
+
+
+class TrainingRun:
+    """One SAE's folder, ``runs/<sae_run_id>/``, alone or as a member of a sweep (what step 3 evaluates)::
+
+    meta.json              kind "sae"; status "running" (with the settings) while training, "complete" with
+                           the final metrics, the member's values (layer, k, ...) and the sweep id, if any
+    model.pt               the SAE (sae.py's payload: mi_crow's TopKSae.load and PipelineSae.load open it)
+    saelens/               SAELens export (export.py)
+    history.json           metrics every LOG_EVERY_STEPS steps and per epoch, held-out metrics
+    training_curves.png
+    checkpoint_<step>.pt   this SAE's trainer state at a step, while training; the step that counts is the one
+                           named by the commit file (``CheckpointCommit``) of the process that trains it
+    evaluation/            step 3's outputs
+    """
+
+    def __init__(self, store: Store, sae_run_id: str):
+        self.store, self.run_id = store, validate_run_id(sae_run_id, "--sae_run_id")
+        self.dir = store.run_dir(sae_run_id)
+
+    meta_path = property(lambda self: self.dir / META_FILE)
+    model_path = property(lambda self: self.dir / "model.pt")
+    saelens_dir = property(lambda self: self.dir / "saelens")
+    history_path = property(lambda self: self.dir / "history.json")
+    curves_path = property(lambda self: self.dir / "training_curves.png")
+
+    def status(self) -> str | None:
+        """None (nothing there yet), "running" or "complete"; a folder holding something else is refused."""
+        if not self.meta_path.is_file():
+            if not self.dir.is_dir():
+                return None
+            leftovers = [p for p in self.dir.iterdir() if not p.name.startswith(("checkpoint", "."))]
+            if leftovers:
+                raise PipelineError(
+                    f"--sae_run_id {self.run_id!r}: {self.dir} exists and is not a training run; choose another id"
+                )
+            return None
+        meta = self.read_meta()
+        if meta.get("kind") != "sae" or meta.get("status") not in MEMBER_RUN_STATES:
+            raise PipelineError(
+                f"--sae_run_id {self.run_id!r}: {self.dir} holds a run of kind {meta.get('kind')!r}, not an SAE "
+                "training run; choose another id"
+            )
+        return meta["status"]
+
+    def read_meta(self) -> dict[str, Any]:
+        return read_json(self.meta_path)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        atomic_write_json(self.meta_path, {"kind": "sae", **meta})
+
+    def write_history(self, history: dict[str, Any]) -> None:
+        atomic_write_json(self.history_path, history)
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.dir / f"{CHECKPOINT_STEM}{step}.pt"
+
+    def checkpoint_steps(self) -> list[int]:
+        steps = (p.name[len(CHECKPOINT_STEM) : -len(".pt")] for p in self.dir.glob(f"{CHECKPOINT_STEM}*.pt"))
+        return sorted(int(s) for s in steps if s.isdigit())
+
+    def remove_checkpoints(self, keep: int | None = None) -> None:
+        """Every checkpoint but step ``keep``'s, and temporaries a kill left mid-write."""
+        for step in self.checkpoint_steps():
+            if step != keep:
+                self.checkpoint_path(step).unlink(missing_ok=True)
+        for stale in self.dir.glob(f".{CHECKPOINT_STEM}*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+class CheckpointCommit:
+    """The one file that says which step's checkpoints count for the SAEs one process trains together.
+
+    Protocol: write every SAE's ``checkpoint_<step>.pt`` (each atomically), then this file (atomically: the commit),
+    then delete the older checkpoints. A kill before the commit leaves the previous step committed and all of its
+    checkpoints on disk, so every SAE resumes at the same step; files of an uncommitted step are deleted on resume.
+    Record: ``{"step", "epoch", "step_in_epoch", "tokens", "elapsed_s", "world_size", "members"}``.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict[str, Any] | None:
+        return read_json(self.path) if self.path.is_file() else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.path, record)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class Sweep:
+    """A sweep's folder, ``runs/<sweep_id>/``: ``sweep.json`` (kind "sweep": the grid, the data seed, every member's
+    id and values, the status; once complete, every member's held-out metrics), ``frontier.png`` once complete,
+    and while training the commit file(s) of the processes training it (``checkpoint.json``; in a SLURM array,
+    ``checkpoint.task<t>of<T>.json``). Each member is an ordinary ``TrainingRun`` in
+    ``runs/<sweep_id>.<member suffix>/``, evaluable on its own.
+
+    Readers (step 3): ``training_runs(store, id)`` gives the members of a sweep id, or the run itself.
+    """
+
+    def __init__(self, store: Store, sweep_id: str):
+        self.store, self.sweep_id = store, validate_run_id(sweep_id, "--sae_run_id")
+        self.dir = store.run_dir(sweep_id)
+
+    @property
+    def path(self) -> Path:
+        return self.dir / SWEEP_FILE
+
+    @property
+    def frontier_path(self) -> Path:
+        """Held-out FVU against L0 of every member (plots.plot_sweep_frontier), once the sweep is complete."""
+        return self.dir / "frontier.png"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> dict[str, Any]:
+        sweep = read_json(self.path)
+        if sweep.get("kind") != "sweep":
+            raise PipelineError(f"{self.path} is not a sweep file (kind {sweep.get('kind')!r})")
+        return sweep
+
+    def write(self, sweep: dict[str, Any]) -> None:
+        atomic_write_json(self.path, {"kind": "sweep", **sweep})
+
+    def members(self) -> list[TrainingRun]:
+        """Every SAE of the sweep, in grid order."""
+        return [TrainingRun(self.store, m["sae_run_id"]) for m in self.read()["members"]]
+
+    def commit(self, task_id: int = 0, task_count: int = 1) -> CheckpointCommit:
+        name = CHECKPOINT_COMMIT if task_count == 1 else f"checkpoint.task{task_id}of{task_count}.json"
+        return CheckpointCommit(self.dir / name)
+
+    def commits(self) -> list[CheckpointCommit]:
+        return [CheckpointCommit(p) for p in sorted(self.dir.glob("checkpoint*.json"))]
+
+
+def training_runs(store: Store, sae_run_id: str) -> list[TrainingRun]:
+    """The SAEs an id names: a sweep's members (grid order), or the one training run."""
+    sweep = Sweep(store, sae_run_id)
+    return sweep.members() if sweep.exists() else [TrainingRun(store, sae_run_id)]

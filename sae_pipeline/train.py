@@ -1,29 +1,36 @@
-"""Step 2: train a TopK / BatchTopK SAE on an activation run, resumably, the way the reference trainers do.
+"""Step 2: train every SAE of a sweep on an activation run, resumably; one SAE is a sweep of one.
 
-Read top to bottom, ``train_sae`` does:
+Read top to bottom, ``train_sae``:
 
-1. resolve the activation run and the training run id; refuse TOP_K >= n_latents; a finished run is left alone;
-2. build the SAE (``sae.PipelineSae``, a mi_crow TopKSae) and the shuffled loader (``train_data.TokenLoader``);
-3. resume from ``checkpoint.pt`` if one exists (refused if it came from other settings), else initialise:
-   b_dec = geometric median of a sample, random unit-norm decoder, encoder = decoder transpose;
-4. train: loss = FVU of the batch + AUXK_ALPHA x AuxK + L1_LAMBDA x mean|z|; Adam with linear warm-up and final
-   linear decay; the decoder-norm-changing part of its gradient removed, gradient clipping, unit-norm decoder
-   after every step; autocast on CUDA; a checkpoint every CHECKPOINT_EVERY_STEPS steps, at each epoch end and on
-   SIGUSR1/SIGTERM (then exit 75 so the sbatch wrapper requeues);
-5. evaluate on the held-out slice, write model.pt, saelens/, history.json, training_curves.png, meta.json, then
-   STORE_DIR/sae_run_id.txt, and delete the checkpoint.
+1. plans the sweep (``sweep.plan_sweep``): the activation run, its layers, the grid of SAEs, their ids, this task's
+   share; bad values, ids holding something else and runs started with other settings are refused before any work;
+2. builds one ``Trainer`` per SAE and one shuffled ``TokenLoader`` per layer, and refuses a sweep that does not fit
+   in memory (``sweep.MemoryEstimate``);
+3. resumes every trainer from the committed checkpoint step (``store.CheckpointCommit``), or initialises them:
+   b_dec = geometric median of a data sample, random unit-norm decoder, encoder = decoder transpose;
+4. ``fit``: every step reads one batch per layer and every trainer of that layer steps on it; a checkpoint every
+   CHECKPOINT_EVERY_STEPS steps, at each epoch end and on SIGUSR1/SIGTERM (then exit 75, the sbatch wrapper
+   requeues);
+5. evaluates every SAE on the held-out slice and writes its run folder (model.pt, saelens/, history.json,
+   training_curves.png, meta.json), then sweep.json and STORE_DIR/sae_run_id.txt, and deletes the checkpoints.
 
-AuxK (Gao et al. 2024): e = (x − x̂) detached; ê = W_dec · TopK_{k_aux}(pre-activations of dead latents), without
-b_dec; loss = Σ‖e − ê‖² / Σ‖e − mean e‖² (normalised like the main FVU loss) x min(n_dead / k_aux, 1), with
-k_aux = d_in / 2. A latent is dead when it has not fired in the last DEAD_TOKENS_WINDOW training tokens, a window
-capped at a tenth of the run's training tokens so that short runs get one too (meta.json records the one used).
+``Trainer.step`` (one SAE, one batch): loss = FVU of the batch + AUXK_ALPHA x AuxK + L1_LAMBDA x mean|z|; Adam with
+linear warm-up and final linear decay; the decoder-norm-changing part of its gradient removed, gradient clipping,
+unit-norm decoder after every step; autocast on CUDA. AuxK (Gao et al. 2024): e = (x − x̂) detached;
+ê = W_dec · TopK_{k_aux}(pre-activations of dead latents), without b_dec; loss = Σ‖e − ê‖² / Σ‖e − mean e‖² x
+min(n_dead / k_aux, 1), k_aux = d_in / 2. A latent is dead when it has not fired in the last DEAD_TOKENS_WINDOW
+training tokens, a window capped at a tenth of the run's training tokens so that short runs get one too.
 
-Several processes (torchrun; see distributed.py and README.md, "Training on several GPUs"): every rank holds
-the whole SAE and trains on its part of each global step's batch (train_data.py says which tokens); one all-reduce
-per step makes gradients, dead-latent counters, logged loss, BatchTopK threshold and the stop flag global, so every
-rank steps identically and stops at the same step. Metrics are merged across ranks, so history.json is the global
-one. Every rank loads the checkpoint; rank 0 alone writes checkpoints and outputs while the others wait at a
-barrier. With one process nothing of this runs.
+Exact resume. A checkpoint holds everything a step depends on (weights, Adam, schedule, scaler, dead-latent
+counters, pending metrics, history) and the loader's position is a pure function of (run, DATA_SEED, epoch, step),
+so a resumed run replays exactly what the uninterrupted one does: on CPU the final model is bit for bit the same.
+
+Several processes (torchrun; ``dist`` from the cli layer, see distributed.py): every rank holds every SAE and
+trains on its part of each global step's batch (train_data.py says which tokens); per SAE and step one all-reduce
+makes gradients, dead-latent counters, logged loss and BatchTopK threshold global, so every rank steps identically;
+one more per step agrees on a stop. Rank 0 alone writes checkpoints and outputs. Which tokens a step trains on
+depends on the number of processes (train_data.py), so a checkpoint resumes only with the same number: another is
+refused in one line rather than silently repeating and dropping part of the interrupted epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,41 +51,17 @@ from sae_pipeline.errors import PipelineError
 from sae_pipeline.metrics import ReconstructionStats, dead_fraction, fvu
 from sae_pipeline.preemption import StopFlag, StopRequested
 from sae_pipeline.settings import TrainSettings
-from sae_pipeline.store import (
-    META_FILE,
-    RUN_ID_FILE,
-    SAE_RUN_ID_FILE,
-    ActivationRun,
-    Store,
-    atomic_write_json,
-    new_run_id,
-    open_complete_run,
-    read_json,
-    validate_run_id,
-)
-
-if TYPE_CHECKING:
-    from sae_pipeline.sae import BiasedTopKEngine
+from sae_pipeline.store import SAE_RUN_ID_FILE, SWEEP_FILE, CheckpointCommit, TrainingRun, package_versions
+from sae_pipeline.sweep import MemoryEstimate, SaeSpec, SweepPlan, plan_sweep
+from sae_pipeline.timing import StageClock, describe
 from sae_pipeline.train_data import TokenLoader
 
-CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_FILE = "model.pt"
+if TYPE_CHECKING:
+    from sae_pipeline.sae import BiasedTopKEngine, PipelineSae
+
 B_DEC_SAMPLE_TOKENS = 32_768
-# settings that may change between a kill and the resume; every other one must match the checkpoint
-RESUME_MAY_CHANGE = {
-    "device",
-    "store_dir",
-    "run_id",
-    "sae_run_id",
-    "checkpoint_every_steps",
-    "log_every_steps",
-    "wandb_project",
-    "model_id",
-    "model_dtype",
-    "layer_num",
-    "layer_signature",
-}
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+STAGES = ("read", "step", "checkpoint", "evaluate")  # where step 2's time goes (timing.StageClock)
 
 
 def train_sae(
@@ -85,321 +71,548 @@ def train_sae(
     stop: StopFlag | None = None,
     dist: Dist | None = None,
 ) -> Path:
-    """Train (or resume) one SAE; returns its folder STORE_DIR/runs/<sae_run_id>. ``dist``: this process's place
-    in a torchrun launch (default: the only process)."""
+    """Train (or resume) the SAEs the settings describe; returns the folder of the one SAE, or of the sweep.
+    ``dist``: this process's place in a torchrun launch (default: the only process)."""
     dist = dist or Dist()
-    store = Store(settings.store_dir)
-    run_id = validate_run_id(run_id or settings.run_id or store.read_pointer(RUN_ID_FILE))
-    run, act_meta = open_complete_run(store, run_id)
-    if (
-        max(
-            map(
-                len,
-                (settings.top_k, settings.n_latents_multiplier, settings.sae_architecture, settings.seed, settings.lr),
-            )
-        )
-        > 1
-    ):
-        raise PipelineError("sweeps (lists of values) are not supported yet; give one value per variable")
-    specs = ActivationRun.layer_specs(act_meta)
-    if len(specs) > 1:
-        raise PipelineError("training on a run of several layers is not supported yet")
-    layer, d_in = specs[0].signature, specs[0].d_model
-    data_seed = settings.data_seed if settings.data_seed is not None else settings.seed[0]
-    n_latents = d_in * settings.n_latents_multiplier[0]
-    if settings.top_k[0] >= n_latents:
-        raise PipelineError(
-            f"TOP_K={settings.top_k[0]} is not valid: use 1..{n_latents - 1} (below n_latents = "
-            f"d_model {d_in} x N_LATENTS_MULTIPLIER {settings.n_latents_multiplier[0]})"
-        )
-    sae_run_id = validate_run_id(sae_run_id or settings.sae_run_id or new_run_id("sae"), "--sae_run_id")
-    out = store.run_dir(sae_run_id)
-    store.ensure_writable()
-    if _finished(out, sae_run_id):
-        if dist.is_main:
-            store.write_pointer(sae_run_id, SAE_RUN_ID_FILE)
-            print(f"training run {sae_run_id!r} is already finished ({out}); nothing to do", file=sys.stderr)
-        return out
-
-    # mi_crow, overcomplete, torchvision and matplotlib take seconds to import: only once the inputs are known good
-    from sae_pipeline.export import export_saelens
-    from sae_pipeline.plots import plot_training_curves
-    from sae_pipeline.sae import PipelineSae, atomic_torch_save, load_torch_file
-
+    plan = plan_sweep(settings, run_id, sae_run_id)
+    if _nothing_to_do(plan, dist):
+        return plan.folder
     device = dist.device(settings.device)
+    loaders = open_loaders(plan, device, dist)
+    check_memory(plan, loaders, device, dist.world_size)
     dist.init(device)
-    dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
+    dist.barrier()  # every rank has looked at the run folders before rank 0 writes into them
 
-    loader = TokenLoader(
-        run,
-        layer,
-        d_in,
-        settings.batch_size_train,
-        settings.holdout_fraction,
-        data_seed,
-        settings.shuffle_buffer_tokens,
-        dist.rank,
-        dist.world_size,
-    )
+    loader = next(iter(loaders.values()))
     total_steps = loader.steps_per_epoch * settings.epochs
     window = min(settings.dead_tokens_window, max(settings.batch_size_train, loader.n_train * settings.epochs // 10))
-    config = {
-        **{k: v for k, v in settings.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE},
-        "activation_run_id": run_id,
-        "d_in": d_in,
-        "n_latents": n_latents,
-    }
+    model_id = plan.act_meta.get("model_id")
+    trainers = [Trainer(spec, settings, total_steps, window, device, dist, model_id) for spec in plan.specs()]
+    runs, commit, clock = plan.runs(), plan.commit(), StageClock(device, STAGES)
+    progress = resume(runs, trainers, commit, clock, dist)
+    if progress is None:
+        progress = Progress()
+        initialize(trainers, loaders, plan, dist)
 
-    sae = PipelineSae(n_latents, d_in, settings.top_k[0], settings.sae_architecture[0])
-    sae.context.lm_layer_signature, sae.context.model_id = layer, act_meta.get("model_id")
-    eng: BiasedTopKEngine = sae.to_device(device).sae_engine
-    opt = torch.optim.Adam(eng.parameters(), lr=settings.lr[0], fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, settings.lr_warmup_fraction, settings.lr_decay_fraction)
-    )
-    amp = AMP_DTYPES.get(settings.amp_dtype) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    since_fired = torch.zeros(n_latents, dtype=torch.int64, device=device)  # training tokens since each fired
-    epoch_stats, log_stats = ReconstructionStats(d_in, n_latents, device), ReconstructionStats(d_in, n_latents, device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, auxk loss, steps since last log, epoch loss
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "tokens": 0,
-        "elapsed_s": 0.0,
-        "history": {"steps": [], "epochs": []},
-    }
-
-    ckpt_path = out / CHECKPOINT_FILE
-    for stale in out.glob(f".{CHECKPOINT_FILE}.*.tmp") if dist.is_main else ():  # left by a kill mid-write
-        stale.unlink(missing_ok=True)
-    if ckpt_path.is_file():
-        ckpt = load_torch_file(ckpt_path)
-        _check_same_config(ckpt.get("config", {}), config, sae_run_id)
-        eng.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"] and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        since_fired.copy_(ckpt["since_fired"])
-        epoch_stats.load_state_dict(ckpt["epoch_stats"])
-        if dist.is_main:  # it holds every rank's tokens since the last log line; the other ranks start empty
-            log_stats.load_state_dict(ckpt["log_stats"])
-        sums.copy_(ckpt["sums"])
-        torch.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        if dist.is_main:
-            print(
-                f"resumed from step {state['step']} of {total_steps} (epoch {state['epoch'] + 1}) using {ckpt_path}",
-                file=sys.stderr,
-            )
-    else:
-        torch.manual_seed(settings.seed[0])
-        eng.initialize(geometric_median(loader.sample(B_DEC_SAMPLE_TOKENS).float()), settings.seed[0])
-        dist.broadcast_module(eng)  # rank 0's b_dec (from its own sample) on every rank
-        if dist.is_main:
-            _write_meta(
-                out,
-                {
-                    "status": "running",
-                    "sae_run_id": sae_run_id,
-                    "activation_run_id": run_id,
-                    "config": config,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
-            )
-
-    def save_checkpoint() -> None:
-        pending = dist.gather_stats(log_stats)  # every rank's tokens since the last log line
-        if dist.is_main:
-            atomic_torch_save(
-                {
-                    "config": config,
-                    "model": eng.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "since_fired": since_fired,
-                    "epoch_stats": epoch_stats.state_dict(),
-                    "log_stats": pending.state_dict(),
-                    "sums": sums,
-                    "rng": torch.get_rng_state(),
-                    "state": {**state, "elapsed_s": state["elapsed_s"] + time.time() - t_start},
-                },
-                ckpt_path,
-            )
-
-    def log_line() -> dict[str, Any]:
-        n = max(float(sums[2]), 1.0)
-        stats = dist.gather_stats(log_stats)  # log_stats itself with one process
-        entry = {
-            "step": state["step"],
-            "epoch": state["epoch"],
-            "tokens": state["tokens"],
-            "loss": float(sums[0]) / n,
-            "auxk_loss": float(sums[1]) / n,
-            **_round(stats.result()),
-            "dead_fraction": dead_fraction(since_fired, window),
-            "lr": sched.get_last_lr()[0],
-        }
-        sums[:3] = 0
-        epoch_stats.merge(stats)
-        log_stats.reset()
-        return entry
-
-    wandb_run = _start_wandb(settings, sae_run_id, config) if dist.is_main else None
     stop = stop or StopFlag().install()
-    k_aux = max(d_in // 2, 1)
-    t_start = time.time()
-    progress = _progress(loader.n_train * settings.epochs, state["tokens"], sae_run_id, disable=not dist.is_main)
-    eng.train()
-    while state["epoch"] < settings.epochs:
-        for batch in loader.iter_epoch(state["epoch"], state["step_in_epoch"]):
-            x = batch.to(device, non_blocking=True).float()
-            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                pre, z, x_hat = eng(x)
-            x_hat, pre, z = x_hat.float(), pre.float(), z.float()
-            main = fvu(x, x_hat)
-            dead = since_fired >= window
-            aux = auxk_loss(eng, pre, x, x_hat, dead, k_aux) if settings.auxk_alpha > 0 else main.new_zeros(())
-            loss = main + settings.auxk_alpha * aux + settings.l1_lambda * z.abs().mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if dist.enabled:  # before unscale_: every rank then sees the same gradients (and inf check)
-                fired, loss_v, aux_v, n_tokens, stopping = _all_reduce_step(dist, eng, x, z, loss, aux, stop)
-            else:
-                fired, loss_v, aux_v, n_tokens, stopping = (
-                    (z != 0).any(dim=0),
-                    loss.detach(),
-                    aux.detach(),
-                    x.shape[0],
-                    None,
-                )
-            scaler.unscale_(opt)
-            eng.remove_parallel_gradient()
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(eng.parameters(), settings.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            eng.normalize_decoder()
+    wandb = [_start_wandb(settings, r.run_id, plan.config, len(runs) > 1) if dist.is_main else None for r in runs]
+    bar = _progress(loader.n_train * settings.epochs, progress.tokens, plan.sweep_id, disable=not dist.is_main)
+    save = partial(save_checkpoint, runs, trainers, commit, progress, clock, dist)
+    finished = fit(
+        trainers,
+        loaders,
+        progress,
+        settings,
+        save,
+        lambda: dist.any(stop.requested, device),
+        clock,
+        partial(_report_step, bar, wandb, progress),
+    )
+    bar.close()
+    if not finished:
+        dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has saved
+        raise StopRequested(
+            f"stopped by {stop.signal_name or 'another rank'} at step {progress.step} of {total_steps}; "
+            f"checkpoint saved, rerun with --sae_run_id {plan.sweep_id} to continue"
+        )
 
-            since_fired.add_(n_tokens).masked_fill_(fired, 0)
-            log_stats.update(x, x_hat.detach(), z.detach())
-            sums += torch.stack([loss_v, aux_v, loss.new_ones(()), loss_v]).double()
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            state["tokens"] += n_tokens
-            progress.update(n_tokens)
-            if state["step"] % settings.log_every_steps == 0:
-                entry = log_line()
-                state["history"]["steps"].append(entry)
-                progress.set_postfix(
-                    fvu=f"{entry['fvu']:.3f}",
-                    l0=f"{entry['l0']:.1f}",
-                    dead=f"{entry['dead_fraction']:.2f}",
-                    refresh=False,
-                )
-                if wandb_run is not None:
-                    wandb_run.log(entry, step=state["step"])
-            if state["step"] % settings.checkpoint_every_steps == 0:
-                save_checkpoint()
-            if stop.requested if stopping is None else stopping:
-                save_checkpoint()
-                progress.close()
-                dist.barrier()  # no rank exits (and makes torchrun kill the others) before rank 0 has saved
-                raise StopRequested(
-                    f"stopped by {stop.signal_name or 'another rank'} at step {state['step']} of {total_steps}; "
-                    f"checkpoint saved, rerun with --sae_run_id {sae_run_id} to continue"
-                )
-        if state["step"] % settings.log_every_steps:
-            state["history"]["steps"].append(log_line())
-        n_epoch_steps = max(state["step_in_epoch"], 1)
-        state["history"]["epochs"].append(
+    with clock.stage("evaluate"):
+        holdout = evaluate_holdout(trainers, loaders, settings.batch_size_train, device, dist)
+    if dist.is_main:
+        timing = clock.summary()
+        for run, trainer, metrics, wandb_run in zip(runs, trainers, holdout, wandb):
+            if run.status() != "complete":
+                write_outputs(run, trainer, metrics, plan, progress, timing, loader, dist, wandb_run)
+        _report_end(plan, plan.finalize())
+    dist.barrier()
+    return plan.folder
+
+
+def open_loaders(plan: SweepPlan, device: torch.device, dist: Dist) -> dict[str, TokenLoader]:
+    """One shuffled loader per layer the process trains, all with the sweep's data seed (the same token order)."""
+    s = plan.settings
+    return {
+        layer.signature: TokenLoader(
+            plan.run,
+            layer.signature,
+            layer.d_model,
+            s.batch_size_train,
+            s.holdout_fraction,
+            plan.data_seed,
+            s.shuffle_buffer_tokens,
+            dist.rank,
+            dist.world_size,
+            pin_memory=device.type == "cuda",
+        )
+        for layer in plan.layers_trained()
+    }
+
+
+def _nothing_to_do(plan: SweepPlan, dist: Dist) -> bool:
+    if plan.share and not plan.finished():
+        return False
+    if dist.is_main and not plan.share:
+        print(
+            f"task {plan.task_id} of {plan.task_count}: the sweep has only {len(plan.grid)} SAEs, none is this "
+            "task's; nothing to do",
+            file=sys.stderr,
+        )
+    elif dist.is_main:
+        plan.finalize()
+        print(f"training run {plan.sweep_id!r} is already finished ({plan.folder}); nothing to do", file=sys.stderr)
+    return True
+
+
+def _report_step(bar, wandb: list, progress: Progress, n_tokens: int, lines: list[dict[str, Any]] | None) -> None:
+    """The progress bar, and on log steps W&B (when set up)."""
+    bar.update(n_tokens)
+    if lines:
+        bar.set_postfix(fvu=f"{lines[0]['fvu']:.3f}", l0=f"{lines[0]['l0']:.1f}", refresh=False)
+        for wandb_run, line in zip(wandb, lines):
+            if wandb_run is not None:
+                wandb_run.log(line, step=progress.step)
+
+
+def _report_end(plan: SweepPlan, complete: bool) -> None:
+    pointer = plan.store.root / SAE_RUN_ID_FILE
+    if not plan.is_sweep:
+        print(f"{pointer} now names {plan.sweep_id}.")
+    elif complete:
+        print(
+            f"Sweep {plan.sweep_id} complete: {len(plan.grid)} SAEs, listed in {plan.folder / SWEEP_FILE} with "
+            f"their held-out metrics; {pointer} now names the sweep."
+        )
+    else:
+        print(
+            f"Task {plan.task_id} of {plan.task_count} of sweep {plan.sweep_id} done ({len(plan.share)} of its "
+            f"{len(plan.grid)} SAEs); the last task to finish completes {plan.folder / SWEEP_FILE}."
+        )
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Where the loop stands; the same for every SAE of the process, since they step together."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0
+
+
+def fit(
+    trainers: list[Trainer],
+    loaders: dict[str, TokenLoader],
+    progress: Progress,
+    settings: TrainSettings,
+    save: Callable[[], None],
+    stop_requested: Callable[[], bool],
+    clock: StageClock,
+    report: Callable[[int, list | None], None],
+) -> bool:
+    """The loop: every global step, one batch per layer, and every trainer of that layer steps on it; history lines
+    and checkpoints on schedule. False when a stop was requested (the checkpoint then saved), True at the end."""
+    layers = list(loaders)
+    by_layer = [[t for t in trainers if t.spec.layer.signature == layer] for layer in layers]
+    while progress.epoch < settings.epochs:
+        streams = [loaders[layer].iter_epoch(progress.epoch, progress.step_in_epoch, clock.device) for layer in layers]
+        for batches in clock.reading(zip(*streams)):
+            with clock.stage("step"), clock.gpu_busy():
+                for x, layer_trainers in zip(batches, by_layer):
+                    for trainer in layer_trainers:
+                        n_tokens = trainer.step(x)
+            progress.step += 1
+            progress.step_in_epoch += 1
+            progress.tokens += n_tokens
+            log = progress.step % settings.log_every_steps == 0
+            report(n_tokens, [t.log_line(progress) for t in trainers] if log else None)
+            stopping = stop_requested()
+            if stopping or progress.step % settings.checkpoint_every_steps == 0:
+                save()
+            if stopping:
+                return False
+        for trainer in trainers:
+            trainer.end_epoch(progress)
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+        save()
+    return True
+
+
+# -- one SAE -------------------------------------------------------------------------------------------------------
+class Trainer:
+    """One SAE's training: its model, Adam, learning-rate schedule, loss scaler, dead-latent counters, metrics and
+    history. ``step`` is one optimisation step; ``state_dict`` / ``load_state_dict`` mirror each other."""
+
+    def __init__(
+        self,
+        spec: SaeSpec,
+        settings: TrainSettings,
+        total_steps: int,
+        window: int,
+        device: torch.device,
+        dist: Dist,
+        model_id: str | None,
+    ):
+        from sae_pipeline.sae import PipelineSae  # mi_crow & co. take seconds to import: only once inputs are good
+
+        d_in, n_latents = spec.layer.d_model, spec.n_latents
+        self.spec, self.settings, self.total_steps, self.window, self.dist = spec, settings, total_steps, window, dist
+        self.sae: PipelineSae = PipelineSae(n_latents, d_in, spec.top_k, spec.architecture)
+        self.sae.context.lm_layer_signature, self.sae.context.model_id = spec.layer.signature, model_id
+        self.eng: BiasedTopKEngine = self.sae.to_device(device).sae_engine
+        self.opt = torch.optim.Adam(self.eng.parameters(), lr=spec.lr, fused=device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt,
+            partial(
+                lr_factor,
+                total=total_steps,
+                warmup_fraction=settings.lr_warmup_fraction,
+                decay_fraction=settings.lr_decay_fraction,
+            ),
+        )
+        self.amp = AMP_DTYPES.get(settings.amp_dtype) if device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
+        self.k_aux = max(d_in // 2, 1)
+        self.since_fired = torch.zeros(n_latents, dtype=torch.int64, device=device)  # training tokens since it fired
+        self.log_stats = ReconstructionStats(d_in, n_latents, device)  # since the last history line
+        self.epoch_stats = ReconstructionStats(d_in, n_latents, device)
+        self.loss_since_log = torch.zeros((), dtype=torch.float64, device=device)
+        self.auxk_since_log = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_this_epoch = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps_since_log = self.steps_this_epoch = 0
+        self.history: dict[str, list] = {"steps": [], "epochs": []}
+
+    def initialize(self, sample: torch.Tensor) -> None:
+        """b_dec from rank 0's data sample, the rest from the SAE's seed; the same on every rank."""
+        torch.manual_seed(self.spec.seed)
+        self.eng.initialize(geometric_median(sample.float()), self.spec.seed)
+        self.dist.broadcast_module(self.eng)
+
+    def step(self, x: torch.Tensor) -> int:
+        """One optimisation step on this rank's tokens ``x``; returns the step's tokens over all ranks."""
+        x = x.float()
+        dead = self.since_fired >= self.window
+        # 1. encode, select, decode (bf16 autocast on CUDA)
+        with torch.autocast(x.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
+            pre, z, x_hat = self.eng(x)
+        pre, z, x_hat = pre.float(), z.float(), x_hat.float()
+        # 2. loss: FVU + AuxK on the dead latents + L1 on the codes
+        aux = auxk_loss(self.eng, pre, x, x_hat, dead, self.k_aux) if self.settings.auxk_alpha else x.new_zeros(())
+        loss = fvu(x, x_hat) + self.settings.auxk_alpha * aux + self.settings.l1_lambda * z.abs().mean()
+        # 3. backward
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        # 4. several processes: one all-reduce (before unscale_, so every rank sees the same gradients)
+        fired, loss_v, aux_v, n_tokens = self._all_reduce(x, z, loss, aux)
+        # 5. unscale, drop the decoder-norm part of the gradient, clip, Adam, schedule
+        self.scaler.unscale_(self.opt)
+        self.eng.remove_parallel_gradient()
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.eng.parameters(), self.settings.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        # 6. unit-norm decoder rows
+        self.eng.normalize_decoder()
+        # 7. counters and metrics
+        self.since_fired.add_(n_tokens).masked_fill_(fired, 0)
+        self.log_stats.update(x, x_hat.detach(), z.detach())
+        self.loss_since_log += loss_v
+        self.auxk_since_log += aux_v
+        self.loss_this_epoch += loss_v
+        self.steps_since_log += 1
+        self.steps_this_epoch += 1
+        return n_tokens
+
+    def _all_reduce(self, x, z, loss, aux) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(latents fired, loss, AuxK loss, tokens) of the step over all ranks; gradients and the BatchTopK
+        threshold become their token-weighted means (distributed.py says why one explicit collective)."""
+        if not self.dist.enabled:
+            return (z != 0).any(dim=0), loss.detach(), aux.detach(), x.shape[0]
+        n = float(x.shape[0])
+        params = [p for p in self.eng.parameters() if p.grad is not None]
+        scalars = torch.stack([loss.detach() * n, aux.detach() * n, self.eng.threshold.float() * n, loss.new_tensor(n)])
+        flat = torch.cat([p.grad.flatten() * n for p in params] + [(z != 0).sum(dim=0).float(), scalars.float()])
+        self.dist.all_reduce(flat)
+        total = float(flat[-1])
+        at = 0
+        for p in params:
+            p.grad.copy_(flat[at : at + p.numel()].view_as(p) / total)
+            at += p.numel()
+        with torch.no_grad():
+            self.eng.threshold.copy_(flat[-2] / total)
+        return flat[at : at + z.shape[1]] > 0, flat[-4] / total, flat[-3] / total, int(total)
+
+    def log_line(self, progress: Progress) -> dict[str, Any]:
+        """A history line for the steps since the last one (appended to the history and returned)."""
+        stats = self.dist.gather_stats(self.log_stats)  # log_stats itself with one process
+        n = max(self.steps_since_log, 1)
+        line = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "tokens": progress.tokens,
+            "loss": float(self.loss_since_log) / n,
+            "auxk_loss": float(self.auxk_since_log) / n,
+            **_round(stats.result()),
+            "dead_fraction": dead_fraction(self.since_fired, self.window),
+            "lr": self.sched.get_last_lr()[0],
+        }
+        self.epoch_stats.merge(stats)
+        self.log_stats.reset()
+        self.loss_since_log.zero_()
+        self.auxk_since_log.zero_()
+        self.steps_since_log = 0
+        self.history["steps"].append(line)
+        return line
+
+    def end_epoch(self, progress: Progress) -> None:
+        if self.steps_since_log:
+            self.log_line(progress)
+        line = {
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "tokens": progress.tokens,
+            "loss": float(self.loss_this_epoch) / max(self.steps_this_epoch, 1),
+            **_round(self.epoch_stats.result()),
+            "dead_fraction": dead_fraction(self.since_fired, self.window),
+        }
+        self.history["epochs"].append(line)
+        self.epoch_stats.reset()
+        self.loss_this_epoch.zero_()
+        self.steps_this_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on. With several processes every rank calls it: the metrics pending
+        since the last history line are gathered from all of them (rank 0 keeps them on resume)."""
+        return {
+            "model": self.eng.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "since_fired": self.since_fired,
+            "log_stats": self.dist.gather_stats(self.log_stats).state_dict(),
+            "epoch_stats": self.epoch_stats.state_dict(),
+            "loss_since_log": self.loss_since_log,
+            "auxk_since_log": self.auxk_since_log,
+            "loss_this_epoch": self.loss_this_epoch,
+            "steps_since_log": self.steps_since_log,
+            "steps_this_epoch": self.steps_this_epoch,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.eng.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.since_fired.copy_(state["since_fired"])
+        if self.dist.is_main:  # it holds every rank's tokens since the last log line; the other ranks start empty
+            self.log_stats.load_state_dict(state["log_stats"])
+        self.epoch_stats.load_state_dict(state["epoch_stats"])
+        self.loss_since_log.copy_(state["loss_since_log"])
+        self.auxk_since_log.copy_(state["auxk_since_log"])
+        self.loss_this_epoch.copy_(state["loss_this_epoch"])
+        self.steps_since_log, self.steps_this_epoch = state["steps_since_log"], state["steps_this_epoch"]
+        self.history = state["history"]
+
+
+# -- start, checkpoints, end ---------------------------------------------------------------------------------------
+def initialize(trainers: list[Trainer], loaders: dict[str, TokenLoader], plan: SweepPlan, dist: Dist) -> None:
+    """A fresh start: each layer's data sample drawn once for all of its SAEs; meta.json "running" per SAE."""
+    for layer, loader in loaders.items():
+        sample = loader.sample(B_DEC_SAMPLE_TOKENS)
+        for trainer in trainers:
+            if trainer.spec.layer.signature == layer:
+                trainer.initialize(sample)
+    if dist.is_main:
+        plan.start()
+
+
+def save_checkpoint(
+    runs: list[TrainingRun],
+    trainers: list[Trainer],
+    commit: CheckpointCommit,
+    progress: Progress,
+    clock: StageClock,
+    dist: Dist,
+) -> None:
+    """Every SAE's checkpoint at this step, then the commit naming the step, then the older checkpoints deleted
+    (store.CheckpointCommit): a kill anywhere in between resumes every SAE from the same step."""
+    with clock.stage("checkpoint"):
+        states = [t.state_dict() for t in trainers]  # every rank: the pending metrics are gathered
+        if not dist.is_main:
+            return
+        from sae_pipeline.sae import atomic_torch_save
+
+        for run, state in zip(runs, states):
+            atomic_torch_save({"step": progress.step, "trainer": state}, run.checkpoint_path(progress.step))
+        commit.write(
             {
-                "epoch": state["epoch"],
-                "step": state["step"],
-                "tokens": state["tokens"],
-                "loss": float(sums[3]) / n_epoch_steps,
-                **_round(epoch_stats.result()),
-                "dead_fraction": dead_fraction(since_fired, window),
+                **asdict(progress),
+                "world_size": dist.world_size,
+                "members": [run.run_id for run in runs],
+                "clock": clock.state_dict(),
             }
         )
-        sums[3] = 0
-        epoch_stats.reset()
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        save_checkpoint()
-    progress.close()
-    elapsed = state["elapsed_s"] + time.time() - t_start
+        for run in runs:
+            run.remove_checkpoints(keep=progress.step)
 
-    holdout = evaluate_holdout(eng, loader, settings.batch_size_train, device, amp, dist)
-    holdout["dead_fraction"] = dead_fraction(since_fired, window)
-    if not dist.is_main:
-        dist.barrier()  # rank 0 writes the outputs
-        return out
-    history = {**state["history"], "holdout": holdout}
-    final = {"train": state["history"]["epochs"][-1], "holdout": holdout}
+
+def resume(
+    runs: list[TrainingRun], trainers: list[Trainer], commit: CheckpointCommit, clock: StageClock, dist: Dist
+) -> Progress | None:
+    """The committed step's state into every trainer (None: nothing committed, start afresh)."""
+    from sae_pipeline.sae import load_torch_file
+
+    record = commit.read()
+    if record is None:
+        if dist.is_main:
+            for run in runs:
+                run.remove_checkpoints()  # written before a first commit that never came
+        return None
+    progress = Progress(record["step"], record["epoch"], record["step_in_epoch"], record["tokens"])
+    if not {run.run_id for run in runs} <= set(record["members"]):  # fewer: those complete since are not resumed
+        raise PipelineError(f"{commit.path} names other training runs than this sweep's; the sweep was modified")
+    if record["world_size"] != dist.world_size:
+        n = record["world_size"]
+        raise PipelineError(
+            f"training run {commit.path.parent.name!r} was checkpointed by {n} training process(es) (step "
+            f"{progress.step}, epoch {progress.epoch + 1}), now {dist.world_size}: which tokens each step trains on "
+            f"depends on the process count, so resume it with {n} (torchrun --nproc_per_node={n}, or as many GPUs), "
+            "or start a new --sae_run_id"
+        )
+    for run, trainer in zip(runs, trainers):
+        trainer.load_state_dict(load_torch_file(run.checkpoint_path(progress.step))["trainer"])
+        if dist.is_main:
+            run.remove_checkpoints(keep=progress.step)  # an uncommitted later step's files, left by a kill
+    clock.load_state_dict(record["clock"])
+    if dist.is_main:
+        print(
+            f"resumed from step {progress.step} of {trainers[0].total_steps} (epoch {progress.epoch + 1}) using "
+            f"{commit.path}",
+            file=sys.stderr,
+        )
+    return progress
+
+
+@torch.no_grad()
+def evaluate_holdout(
+    trainers: list[Trainer], loaders: dict[str, TokenLoader], batch_size: int, device: torch.device, dist: Dist
+) -> list[dict[str, Any]]:
+    """Every SAE's FVU, MSE, L0, never-fired and dead fractions on the held-out slice, in inference mode (BatchTopK:
+    threshold); each layer's slice read once for all of its SAEs, each rank its share, merged exactly."""
+    stats = {id(t): ReconstructionStats(t.spec.layer.d_model, t.spec.n_latents, device) for t in trainers}
+    for t in trainers:
+        t.eng.eval()
+    for layer, loader in loaders.items():
+        layer_trainers = [t for t in trainers if t.spec.layer.signature == layer]
+        for batch in loader.iter_holdout(batch_size):
+            x = batch.to(device).float()
+            for t in layer_trainers:
+                with torch.autocast(device.type, dtype=t.amp) if t.amp else contextlib.nullcontext():
+                    _, z, x_hat = t.eng(x)
+                stats[id(t)].update(x, x_hat.float(), z.float())
+    results = []
+    for t in trainers:
+        t.eng.train()
+        metrics = _round(dist.gather_stats(stats[id(t)]).result())
+        results.append({**metrics, "dead_fraction": dead_fraction(t.since_fired, t.window)})
+    return results
+
+
+def write_outputs(
+    run: TrainingRun,
+    trainer: Trainer,
+    holdout: dict[str, Any],
+    plan: SweepPlan,
+    progress: Progress,
+    timing: dict[str, Any],
+    loader: TokenLoader,
+    dist: Dist,
+    wandb_run,
+) -> None:
+    """One SAE's folder: model.pt, saelens/, history.json, training_curves.png, then meta.json "complete"."""
+    from sae_pipeline.export import export_saelens
+    from sae_pipeline.plots import plot_training_curves
+
+    spec, settings = trainer.spec, trainer.settings
+    history = {**trainer.history, "holdout": holdout}
+    train_s = timing["total_s"] - timing["evaluate_s"]  # the loop, checkpoints included
     if wandb_run is not None:
-        wandb_run.log({f"holdout/{k}": v for k, v in holdout.items()}, step=state["step"])
+        wandb_run.log({f"holdout/{k}": v for k, v in holdout.items()}, step=progress.step)
         wandb_run.finish()
-
-    sae.save(MODEL_FILE.removesuffix(".pt"), out)
+    trainer.sae.save(run.model_path.stem, run.dir)
     export_saelens(
-        sae, out / "saelens", specs[0], act_meta, extra={"sae_run_id": sae_run_id, "activation_run_id": run_id}
+        trainer.sae,
+        run.saelens_dir,
+        spec.layer,
+        plan.act_meta,
+        extra={"sae_run_id": run.run_id, "activation_run_id": plan.run.run_id},
     )
-    atomic_write_json(out / "history.json", history)
-    plot_training_curves(history, out / "training_curves.png", title=f"{sae_run_id} on {run_id}")
-    _write_meta(
-        out,
+    run.write_history(history)
+    plot_training_curves(history, run.curves_path, title=f"{run.run_id} on {plan.run.run_id}")
+    run.write_meta(
         {
+            **plan.member_meta(spec, run.run_id),
             "status": "complete",
-            "sae_run_id": sae_run_id,
-            "activation_run_id": run_id,
-            "model_id": act_meta.get("model_id"),
-            "layer_signature": layer,
-            "hook_side": act_meta.get("hook_side"),
-            "d_in": d_in,
-            "n_latents": n_latents,
-            "k": settings.top_k[0],
-            "architecture": settings.sae_architecture[0],
+            "model_id": plan.act_meta.get("model_id"),
+            "hook_side": plan.act_meta.get("hook_side"),
+            "k": spec.top_k,
+            "architecture": spec.architecture,
             "settings": settings.model_dump(mode="json"),
-            "dead_tokens_window_used": window,
-            "k_aux": k_aux,
-            "total_steps": state["step"],
-            "tokens_trained": state["tokens"],
+            "dead_tokens_window_used": trainer.window,
+            "k_aux": trainer.k_aux,
+            "total_steps": progress.step,
+            "tokens_trained": progress.tokens,
             "n_train_tokens": loader.n_train,
             "n_holdout_tokens": loader.n_holdout,
-            "device": str(device),
+            "device": str(trainer.eng.W_dec.device),
             "processes": dist.world_size,
-            "elapsed_s": round(elapsed, 1),
-            "final_metrics": final,
+            "elapsed_s": round(train_s, 1),
+            "timing": timing,
+            "final_metrics": {"train": trainer.history["epochs"][-1], "holdout": holdout},
             "files": {
-                "model": MODEL_FILE,
+                "model": "model.pt",
                 "saelens": "saelens/",
                 "history": "history.json",
                 "curves": "training_curves.png",
             },
-            "versions": _versions(),
+            "versions": package_versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
+        }
     )
-    store.write_pointer(sae_run_id, SAE_RUN_ID_FILE)
-    ckpt_path.unlink(missing_ok=True)
+    rate, ho = progress.tokens / max(train_s, 1e-9), holdout
     print(
-        f"Trained SAE {sae_run_id}: {settings.sae_architecture[0]} with {n_latents} latents (k={settings.top_k[0]}) on "
-        f"layer {layer} of activation run {run_id}, {state['step']} steps over {settings.epochs} epochs "
-        f"({state['tokens']:,} tokens, {state['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed:.0f} s on "
-        f"{device}). Held-out ({loader.n_holdout:,} tokens): FVU {holdout['fvu']:.4f}, L0 {holdout['l0']:.1f}, "
-        f"never fired {holdout['never_fired_fraction']:.1%}; dead at the end (not fired in {window:,} tokens) "
-        f"{holdout['dead_fraction']:.1%}. Outputs in {out}: model.pt (mi_crow TopKSae.load), saelens/, "
-        f"history.json, meta.json, training_curves.png; {store.root / SAE_RUN_ID_FILE} updated."
+        f"Trained SAE {run.run_id}: {spec.architecture}, {spec.n_latents} latents, k={spec.top_k}, layer "
+        f"{spec.layer.signature} of activation run {plan.run.run_id}; {progress.step} steps, {settings.epochs} "
+        f"epochs, {progress.tokens:,} tokens at {rate:,.0f} tokens/s on {trainer.eng.W_dec.device} "
+        f"({describe(timing)}). Held-out ({loader.n_holdout:,} tokens): FVU {ho['fvu']:.4f}, L0 {ho['l0']:.1f}, "
+        f"never fired {ho['never_fired_fraction']:.1%}, dead (no firing in {trainer.window:,} tokens) "
+        f"{ho['dead_fraction']:.1%}. In {run.dir}: model.pt (mi_crow TopKSae.load), saelens/, history.json, "
+        "meta.json, training_curves.png."
     )
-    dist.barrier()
-    return out
 
 
+def check_memory(plan: SweepPlan, loaders: dict[str, TokenLoader], device: torch.device, world_size: int) -> None:
+    """Refuse, before any work, SAEs that together do not fit on the device (or loader buffers on the host)."""
+    import psutil
+
+    on_gpu = device.type == "cuda"
+    estimate = MemoryEstimate.of(
+        plan.specs(),
+        plan.settings.batch_size_train // world_size,
+        host=sum(loader.host_bytes() for loader in loaders.values()),
+        staging=sum(loader.device_bytes() for loader in loaders.values()) if on_gpu else 0,
+        device_is_host=not on_gpu,
+    )
+    free_host = psutil.virtual_memory().available
+    free_device = torch.cuda.mem_get_info(device)[0] if on_gpu else free_host
+    estimate.check(free_device, free_host, str(device), plan.task_count)
+
+
+# -- the maths -----------------------------------------------------------------------------------------------------
 def lr_factor(step: int, total: int, warmup_fraction: float, decay_fraction: float) -> float:
     """Linear warm-up over the first steps, constant, then linear decay to 0 over the last steps."""
     warmup, decay = int(total * warmup_fraction), int(total * decay_fraction)
@@ -437,108 +650,9 @@ def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -
     return guess
 
 
-def _all_reduce_step(
-    dist: Dist,
-    eng: BiasedTopKEngine,
-    x: torch.Tensor,
-    z: torch.Tensor,
-    loss: torch.Tensor,
-    aux: torch.Tensor,
-    stop: StopFlag,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
-    """One collective: gradients (token-weighted mean), latents fired anywhere, global loss and AuxK loss, the
-    BatchTopK threshold (token-weighted mean), global token count and "any rank asked to stop"."""
-    n = float(x.shape[0])
-    params = [p for p in eng.parameters() if p.grad is not None]
-    scalars = torch.stack(
-        [
-            loss.detach() * n,
-            aux.detach() * n,
-            eng.threshold.float() * n,
-            loss.new_tensor(n),
-            loss.new_tensor(float(stop.requested)),
-        ]
-    )
-    flat = torch.cat([p.grad.flatten() * n for p in params] + [(z != 0).sum(dim=0).float(), scalars.float()])
-    dist.all_reduce(flat)
-    total, stopping = flat[-2:].tolist()
-    at = 0
-    for p in params:
-        p.grad.copy_(flat[at : at + p.numel()].view_as(p) / total)
-        at += p.numel()
-    with torch.no_grad():
-        eng.threshold.copy_(flat[-3] / total)
-    return flat[at : at + z.shape[1]] > 0, flat[-5] / total, flat[-4] / total, int(total), stopping > 0
-
-
-@torch.no_grad()
-def evaluate_holdout(
-    eng: BiasedTopKEngine,
-    loader: TokenLoader,
-    batch_size: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    dist: Dist | None = None,
-) -> dict[str, float]:
-    """FVU, MSE, L0 and never-fired fraction on the held-out slice, in inference mode (BatchTopK: threshold);
-    with several processes each rank measures its share of the shards and the statistics are merged."""
-    eng.eval()
-    stats = ReconstructionStats(eng.W_dec.shape[1], eng.W_dec.shape[0], device)
-    for batch in loader.iter_holdout(batch_size):
-        x = batch.to(device).float()
-        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            _, z, x_hat = eng(x)
-        stats.update(x, x_hat.float(), z.float())
-    eng.train()
-    return _round((dist or Dist()).gather_stats(stats).result())
-
-
-def _finished(out: Path, sae_run_id: str) -> bool:
-    if not (out / META_FILE).is_file():
-        if out.is_dir() and not (out / CHECKPOINT_FILE).is_file() and any(out.iterdir()):
-            raise PipelineError(
-                f"--sae_run_id {sae_run_id!r}: {out} exists and is not a training run; choose another id"
-            )
-        return False
-    meta = read_json(out / META_FILE)
-    if meta.get("kind") != "sae":
-        raise PipelineError(
-            f"--sae_run_id {sae_run_id!r}: {out} holds a run of kind {meta.get('kind')!r}, not an "
-            "SAE training run; choose another id"
-        )
-    return meta.get("status") == "complete"
-
-
-def _check_same_config(saved: dict[str, Any], current: dict[str, Any], sae_run_id: str) -> None:
-    def shown(value: Any) -> str:  # as the variable is written: TOP_K=16,32
-        return ",".join(map(str, value)) if isinstance(value, list | tuple) else repr(value)
-
-    diffs = [
-        f"{k.upper()}={shown(current.get(k))} (checkpoint: {shown(saved.get(k))})"
-        for k in sorted(set(saved) | set(current))
-        if saved.get(k) != current.get(k)
-    ]
-    if diffs:
-        raise PipelineError(
-            f"training run {sae_run_id!r} was started with other settings: {', '.join(diffs)}; "
-            "rerun with the original settings, or choose a new --sae_run_id"
-        )
-
-
-def _write_meta(out: Path, meta: dict[str, Any]) -> None:
-    atomic_write_json(out / META_FILE, {"kind": "sae", **meta})
-
-
+# -- small helpers -------------------------------------------------------------------------------------------------
 def _round(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
-
-
-def _versions() -> dict[str, str]:
-    try:
-        from sae_pipeline.store import package_versions
-    except ImportError:  # older store.py
-        return {"torch": torch.__version__}
-    return package_versions()
 
 
 def _progress(total_tokens: int, done: int, name: str, disable: bool = False):
@@ -557,13 +671,17 @@ def _progress(total_tokens: int, done: int, name: str, disable: bool = False):
     )
 
 
-def _start_wandb(settings: TrainSettings, sae_run_id: str, config: dict[str, Any]):
-    """Only when WANDB_PROJECT is set; the same W&B run continues after a resume."""
+def _start_wandb(settings: TrainSettings, sae_run_id: str, config: dict[str, Any], several: bool):
+    """Only when WANDB_PROJECT is set; one W&B run per SAE, continued after a resume (several at once need W&B's
+    ``reinit="create_new"``, wandb >= 0.19.10)."""
     if not settings.wandb_project:
         return None
     import wandb
 
-    return wandb.init(project=settings.wandb_project, id=sae_run_id, name=sae_run_id, resume="allow", config=config)
+    extra = {"reinit": "create_new"} if several else {}
+    return wandb.init(
+        project=settings.wandb_project, id=sae_run_id, name=sae_run_id, resume="allow", config=config, **extra
+    )
 
 
-__all__ = ["train_sae", "auxk_loss", "geometric_median", "lr_factor", "evaluate_holdout"]
+__all__ = ["train_sae", "fit", "Trainer", "auxk_loss", "geometric_median", "lr_factor", "evaluate_holdout"]

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by submit_save_activations.sh and submit_train_sae.sh; sourced, never run.
+# Shared by the submit_*.sh scripts; sourced, never run.
 #
 # Provides:
 #   sae_log / sae_fail       messages prefixed "[sae-slurm]"; sae_fail exits
@@ -12,8 +12,8 @@
 #                            requeues the job when it stopped resumably (exit 75) after SLURM's warning signal.
 #   sae_run_command LABEL CMD [ARGS...]
 #                            the same for any command (submit_train_sae_multi_gpu.sh: srun ... torchrun ...);
-#                            SAE_RESUMABLE_IF_EXISTS=PATH: a non-zero exit after USR1 counts as resumable when
-#                            PATH exists (torchrun turns its workers' exit 75 into 1).
+#                            SAE_RESUMABLE_IF_EXISTS=PATTERN: a non-zero exit after USR1 counts as resumable
+#                            when a file matches PATTERN (a glob; torchrun turns its workers' exit 75 into 1).
 #
 # Expects SAE_PROJECT_DIR (the folder holding 01_save_activations.py) to be set by the caller.
 
@@ -161,7 +161,7 @@ sae_run_command() {
         rc=$SAE_EXIT_RESUMABLE
     fi
     if [ "$rc" != "$SAE_EXIT_RESUMABLE" ] && [ "$SAE_GOT_USR1" = 1 ] && [ -n "${SAE_RESUMABLE_IF_EXISTS:-}" ] \
-        && [ -e "$SAE_RESUMABLE_IF_EXISTS" ]; then
+        && compgen -G "$SAE_RESUMABLE_IF_EXISTS" >/dev/null; then
         sae_log "$label: exited with $rc after SIGUSR1 and $SAE_RESUMABLE_IF_EXISTS exists: resumable"
         rc=$SAE_EXIT_RESUMABLE
     fi

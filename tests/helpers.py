@@ -95,3 +95,16 @@ def run_saelens(checks: dict[Path, Path], timeout: float = 900) -> list[dict]:
     )
     assert res.returncode == 0, res.stderr[-5000:]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def train_env(store: Path, settings: dict[str, str], **overrides: str) -> dict[str, str]:
+    """The environment of a step-2 subprocess: this one's, less every variable of the pipeline, SLURM and torchrun
+    that could leak in, plus STORE_DIR, one thread and ``settings``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SAE_", "WANDB_", "RUN_ID", "TRAIN_", "TORCHELASTIC_", "LAYER_"))
+        and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update({"STORE_DIR": str(store), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **settings, **overrides})
+    return env

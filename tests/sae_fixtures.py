@@ -1,7 +1,9 @@
 """Synthetic activation runs in the real on-disk format (ActivationRun.write_shard + write_meta) for SAE tests.
 
 Tokens are sparse sums of hidden unit directions plus a per-dimension offset and a little noise, so an SAE has a
-real structure to find and FVU falls well below 1 when training works.
+real structure to find and FVU falls well below 1 when training works. A run may hold several layers (``layers``);
+``write_shard`` writes one layer per shard, so the others' files are added to the same shard folder in the shard
+format (``batch_<i>/<signature>/activations.safetensors``) until the store writes several layers itself.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from pathlib import Path
 import torch
 
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.store import ActivationRun, LayerSpec, Store
+from sae_pipeline.store import ActivationRun, LayerSpec, Store, atomic_save_tensors, block_index
 
 LAYER = "llamaforcausallm_model_layers_1_post_attention_layernorm"
+LAYER3 = "llamaforcausallm_model_layers_3_post_attention_layernorm"
+RUN_FOLDER = ["history.json", "meta.json", "model.pt", "saelens", "training_curves.png"]  # a finished SAE's folder
 
 
 def synthetic_tokens(n: int, d: int, seed: int = 0, n_features: int = 96, active: int = 4) -> torch.Tensor:
@@ -35,6 +39,7 @@ def make_run(
     dtype: torch.dtype = torch.float32,
     tokens: torch.Tensor | None = None,
     seed: int = 0,
+    layers: tuple[str, ...] = (LAYER,),
 ) -> ActivationRun:
     """A complete activation run written by the store's own manifest builder and shard writer; ``tokens`` (default
     synthetic) is split into shards of ``shard_sizes``, 16 tokens per document."""
@@ -55,12 +60,15 @@ def make_run(
         store_dtype=str(dtype).removeprefix("torch."),
         seed=seed,
     )
-    layer = LayerSpec(LAYER, d, "model.layers.1.post_attention_layernorm", 1)
+    specs = [
+        LayerSpec(sig, d, f"model.layers.{block_index(sig)}.post_attention_layernorm", block_index(sig))
+        for sig in layers
+    ]
     run.write_meta(
         ActivationRun.new_manifest(
             settings,
             run_id,
-            [layer],
+            specs,
             model_dtype="float32",
             n_documents=settings.data_limit,
             n_layers=4,
@@ -80,7 +88,10 @@ def make_run(
             "n_tokens": n,
             "n_empty": 0,
         }
-        run.write_shard(i, LAYER, acts, prov, info)
+        run.write_shard(i, layers[0], acts, prov, info)
+        for j, sig in enumerate(layers[1:], 1):  # another layer: other tokens of the same shape
+            other = synthetic_tokens(n, d, seed + 100 * j + i).to(dtype)
+            atomic_save_tensors(run.shard_dir(i) / sig / "activations.safetensors", {"tensor": other})
         start += n
     assert run.finalize_if_complete() is not None
     return run

@@ -344,3 +344,15 @@ def test_a_repeated_list_value_is_named(clean_env):
     clean_env.setenv("TOP_K", "16,32,16")
     with pytest.raises(PipelineError, match=r"^TOP_K='16,32,16' is not valid: lists 16 more than once"):
         load_settings(TrainSettings)
+
+
+def test_training_array_task_from_slurm(clean_env):
+    clean_env.setenv("SLURM_ARRAY_TASK_ID", "5")
+    clean_env.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    clean_env.setenv("SLURM_ARRAY_TASK_MAX", "6")
+    s = load_settings(TrainSettings)
+    assert (s.train_task_id, s.train_task_count) == (2, 4)
+    clean_env.setenv("TRAIN_TASK_ID", "4")
+    clean_env.setenv("TRAIN_TASK_COUNT", "4")
+    with pytest.raises(PipelineError, match="TRAIN_TASK_ID=4 must be below TRAIN_TASK_COUNT=4"):
+        load_settings(TrainSettings)

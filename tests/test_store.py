@@ -384,3 +384,53 @@ def test_open_missing_or_foreign_run(tmp_path):
         open_complete_run(store, "bare")
     with pytest.raises(PipelineError, match="not a valid run id"):
         open_complete_run(store, "../x")
+
+
+# ---------------------------------------------------------------------------------------------------- training runs
+
+
+def test_training_run_status_and_foreign_folders(tmp_path):
+    store = Store(tmp_path)
+    run = store_mod.TrainingRun(store, "sae_x")
+    assert run.status() is None  # nothing there
+    run.dir.mkdir(parents=True)
+    run.checkpoint_path(5).write_bytes(b"x")  # a kill before the first commit leaves only checkpoints
+    assert run.status() is None
+    run.write_meta({"status": "running"})
+    assert run.status() == "running" and run.read_meta()["kind"] == "sae"
+    (run.dir / "notes.txt").write_text("mine")
+    run.meta_path.unlink()
+    with pytest.raises(PipelineError, match=r"'sae_x': .* exists and is not a training run"):
+        run.status()
+    _write_run(store, "acts")
+    with pytest.raises(PipelineError, match="holds a run of kind 'activations'"):
+        store_mod.TrainingRun(store, "acts").status()
+
+
+def test_checkpoints_of_other_steps_and_temporaries_are_removed(tmp_path):
+    run = store_mod.TrainingRun(Store(tmp_path), "r")
+    run.dir.mkdir(parents=True)
+    for step in (10, 20, 30):
+        run.checkpoint_path(step).write_bytes(b"x")
+    (run.dir / ".checkpoint_40.pt.abc.tmp").write_bytes(b"half")
+    assert run.checkpoint_steps() == [10, 20, 30]
+    run.remove_checkpoints(keep=20)
+    assert sorted(p.name for p in run.dir.iterdir()) == ["checkpoint_20.pt"]
+    run.remove_checkpoints()
+    assert list(run.dir.iterdir()) == []
+
+
+def test_a_sweep_lists_its_members_and_names_its_commit_files(tmp_path):
+    store = Store(tmp_path)
+    sweep = store_mod.Sweep(store, "sw")
+    assert not sweep.exists() and store_mod.training_runs(store, "sw")[0].run_id == "sw"  # not a sweep: the run
+    sweep.write({"status": "running", "members": [{"sae_run_id": "sw.a"}, {"sae_run_id": "sw.b"}]})
+    assert [r.run_id for r in sweep.members()] == ["sw.a", "sw.b"]
+    assert [r.run_id for r in store_mod.training_runs(store, "sw")] == ["sw.a", "sw.b"]
+    assert sweep.commit().path.name == "checkpoint.json"
+    assert sweep.commit(1, 4).path.name == "checkpoint.task1of4.json"
+    sweep.commit(1, 4).write({"step": 3, "members": ["sw.b"]})
+    assert [c.read()["step"] for c in sweep.commits()] == [3]
+    (sweep.dir / "sweep.json").write_text('{"kind": "sae"}')
+    with pytest.raises(PipelineError, match="not a sweep file"):
+        sweep.read()

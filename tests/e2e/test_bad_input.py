@@ -131,6 +131,14 @@ CASES = [
     Case("TOP_K=abc", STEP2, {"TOP_K": "abc"}, expect=("TOP_K='abc'", "integer")),
     Case("EPOCHS=-1", STEP2, {"EPOCHS": "-1"}, expect=("EPOCHS='-1'", "greater than or equal to 1")),
     Case("LR=0", STEP2, {"LR": "0"}, expect=("LR='0'", "greater than 0")),
+    Case("TOP_K-list>n_latents", STEP2, {"TOP_K": "4,1000"}, expect=("TOP_K=1000", "1..127")),
+    Case("LAYER_NUM-not-in-run-step2", STEP2, {"LAYER_NUM": "2,3"}, expect=("LAYER_NUM=2,3", "holds LAYER_NUM 2")),
+    Case(
+        "sweep-does-not-fit",
+        STEP2,
+        {"N_LATENTS_MULTIPLIER": "1000000,2000000"},
+        expect=("the 2 SAE(s) this process trains need about", "GiB", "N_LATENTS_MULTIPLIER"),
+    ),
     # ---- step 1 settings
     Case("DATA_LIMIT=0", STEP1, {"DATA_LIMIT": "0"}, expect=("DATA_LIMIT='0'", "greater than or equal to 1")),
     Case(

@@ -291,3 +291,60 @@ def test_usr1_mid_training_requeues_and_resumes(slurm_cluster, tiny_model, job_d
     assert (got["total_steps"], got["tokens_trained"]) == (want["total_steps"], want["tokens_trained"])
     history = json.loads((store / "runs" / f"sae_saetest_{job}" / "history.json").read_text())
     assert len(history["epochs"]) == 4
+
+
+def _trained_in(log: str, sweep_id: str) -> list[str]:
+    """The member suffixes a task's log says it trained, in order."""
+    return [
+        line.split(f"Trained SAE {sweep_id}.")[1].split(":")[0] for line in log.splitlines() if "Trained SAE" in line
+    ]
+
+
+def test_sweep_split_over_an_array(slurm_cluster, tiny_model, job_dir, tmp_path, reference):
+    """TOP_K=4,8 SEED=1,2 (4 SAEs) through submit_train_sae.sh as a 2-task array: task t trains SAEs t and t+2 of
+    the grid under one sweep id (the array's job id); the last task to finish completes sweep.json and points
+    sae_run_id.txt to the sweep."""
+    store = tmp_path / "store"
+    shutil.copytree(reference["store"] / "runs" / "ref_all", store / "runs" / "ref_all")
+    env = base_env(tiny_model, store, RUN_ID="ref_all", TOP_K="4,8", SEED="1,2", EPOCHS="1")
+    job = slurm_cluster.sbatch(
+        ["--array=0-1", "--output=sae_train_%A_%a.out", "--error=sae_train_%A_%a.err", TRAIN], cwd=job_dir, env=env
+    )
+    final = slurm_cluster.wait(job, timeout=400, expect_tasks=2)
+    assert_completed(slurm_cluster, final, job_dir)
+    sweep_id = f"sae_saetest_{job}"
+    assert _trained_in(logs(job_dir, f"sae_train_{job}_0.out"), sweep_id) == ["L2.k4.x2.topk.s1", "L2.k8.x2.topk.s1"]
+    assert _trained_in(logs(job_dir, f"sae_train_{job}_1.out"), sweep_id) == ["L2.k4.x2.topk.s2", "L2.k8.x2.topk.s2"]
+    sweep = json.loads((store / "runs" / sweep_id / "sweep.json").read_text())
+    assert sweep["status"] == "complete" and len(sweep["members"]) == 4
+    for member in sweep["members"]:
+        assert read_meta(store, member["sae_run_id"])["status"] == "complete"
+        assert (store / "runs" / member["sae_run_id"] / "model.pt").is_file()
+    assert (store / "sae_run_id.txt").read_text().strip() == sweep_id
+    assert sorted(p.name for p in (store / "runs" / sweep_id).iterdir()) == [
+        "frontier.png",
+        "sweep.json",
+    ]  # no checkpoints left
+
+
+def test_pipeline_with_a_sweep_array(slurm_cluster, tiny_model, job_dir, tmp_path, reference):
+    """submit_pipeline.sh with TOP_K=4,8 and training as a 2-task array: capture, then both training tasks
+    (afterok on capture), then evaluation after the whole training array, all under one run id and sweep id."""
+    store = tmp_path / "store"
+    env = base_env(tiny_model, store, TOP_K="4,8", EPOCHS="1")
+    ids = submit_pipeline(slurm_cluster, ["--", "--array=0-1"], job_dir, env)
+    cap, train, evaluation = ids["capture_job"], ids["train_job"], ids["eval_job"]
+    assert slurm_cluster.job(evaluation)[0].raw["Dependency"].startswith(f"afterok:{train}")
+    final = slurm_cluster.wait([cap, train], timeout=500, expect_tasks=3)
+    assert_completed(slurm_cluster, final, job_dir)
+    tasks = {k: v for k, v in final.items() if k.startswith(f"{train}_")}
+    assert sorted(tasks) == [f"{train}_0", f"{train}_1"]
+    assert min(t.raw["StartTime"] for t in tasks.values()) >= final[cap].raw["EndTime"]
+    sweep_id = ids["sae_run_id"]
+    assert _trained_in(logs(job_dir, f"sae_train_{train}_0.out"), sweep_id) == ["L2.k4.x2.topk.s42"]
+    assert _trained_in(logs(job_dir, f"sae_train_{train}_1.out"), sweep_id) == ["L2.k8.x2.topk.s42"]
+    sweep = json.loads((store / "runs" / sweep_id / "sweep.json").read_text())
+    assert sweep["status"] == "complete" and sweep["activation_run_id"] == ids["run_id"]
+    assert (store / "sae_run_id.txt").read_text().strip() == sweep_id
+    scheduled = slurm_cluster.wait(evaluation, timeout=300)[evaluation]
+    assert scheduled.raw["StartTime"] >= max(t.raw["EndTime"] for t in tasks.values())
