@@ -79,22 +79,26 @@ def test_capture_on_a_full_disk_keeps_its_shards_and_resumes(pipeline_env, tmp_p
 
 def test_training_on_a_full_disk_keeps_its_last_checkpoint_and_resumes(trained):
     env, store = trained
-    env = {**env, "CHECKPOINT_EVERY_STEPS": "3"}  # a checkpoint is about 215 KB; replacing it needs twice that
+    env = {**env, "CHECKPOINT_EVERY_STEPS": "3"}  # a checkpoint is about 215 KB; the next one is written beside it
     with small_filesystem(store / "runs" / "sae_full", "300k") as out:
         res = run_script(STEP2, env, "--run_id", "acts", "--sae_run_id", "sae_full")
         line = _error_line(res)
-        assert line.startswith(f"error: cannot write {out / 'checkpoint.pt'}: No space left on device (ENOSPC); ")
+        assert line.startswith(f"error: cannot write {out / 'checkpoint_6.pt'}: No space left on device (ENOSPC); ")
         assert line.endswith(
             "then rerun `uv run python 02_train_sae.py --sae_run_id sae_full` (it continues from the last checkpoint)"
         )
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "meta.json"]  # no temporary
+        assert sorted(p.name for p in out.iterdir()) == [
+            "checkpoint.json",
+            "checkpoint_3.pt",
+            "meta.json",
+        ]  # no temporary
         assert json.loads((out / "meta.json").read_text())["status"] == "running"
 
         resize(out, "4m")
         res = run_script(STEP2, env, "--run_id", "acts", "--sae_run_id", "sae_full")
         assert res.returncode == 0, res.stderr[-3000:]
         assert "resumed from step 3" in res.stderr  # the first checkpoint survived the failed second one
-        assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
+        assert (out / "model.pt").is_file() and not list(out.glob("checkpoint*"))
 
 
 # EROFS: a read-only bind mount; EPERM: the immutable attribute, which stops root too (chmod does not)
