@@ -41,7 +41,7 @@ def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_00
     for i, start in enumerate(range(0, n_tokens, shard_tokens)):
         n = min(shard_tokens, n_tokens - start)
         acts = (torch.randn(n, d, generator=gen) + torch.randn(d, generator=gen)).to(torch.bfloat16)
-        run.write_shard(i, LAYER, acts, torch.zeros(n, 3, dtype=torch.int32), {"n_tokens": n})
+        run.write_shard(i, {LAYER: acts}, torch.zeros(n, 3, dtype=torch.int32), {"n_tokens": n})
     run.write_meta(
         {
             "kind": "activations",

@@ -80,7 +80,7 @@ def make_run(
             "n_tokens": n,
             "n_empty": 0,
         }
-        run.write_shard(i, LAYER, acts, prov, info)
+        run.write_shard(i, {LAYER: acts}, prov, info)
         start += n
     assert run.finalize_if_complete() is not None
     return run

@@ -1,0 +1,50 @@
+"""timing.py: seconds per stage from several threads, in a fixed order, as a report and one line."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from sae_pipeline.timing import GpuClock, StageClock, process_seconds
+
+
+def test_stages_add_up_from_several_threads_in_the_given_order():
+    clock = StageClock(("start-up", "forward", "write"))
+
+    def write():
+        for _ in range(5):
+            with clock.stage("write"):
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    with clock.stage("forward"):
+        time.sleep(0.05)
+    thread.join()
+    clock.add("start-up", 1.5)
+    clock.add("other", 0.25)
+    seconds = clock.seconds()
+    assert list(seconds) == ["start-up", "forward", "write", "other"]
+    assert seconds["forward"] >= 0.05 and seconds["write"] >= 0.05 and seconds["start-up"] == 1.5
+
+
+def test_report_and_its_line():
+    clock = StageClock(("tokenise", "forward"))
+    clock.add("forward", 2.0)
+    report = clock.report(4.0, GpuClock(torch.device("cpu")), shards=3)
+    assert report == {"wall_s": 4.0, "stages_s": {"tokenise": 0.0, "forward": 2.0}, "shards": 3}
+    assert StageClock.describe(report) == "tokenise 0.0 s, forward 2.0 s"
+    gpu = {**report, "gpu_busy": 0.93, "gpu_peak_memory_bytes": 3 * 2**30}
+    assert StageClock.describe(gpu).endswith("; GPU busy 93%, peak GPU memory 3.0 GiB")
+
+
+def test_gpu_clock_is_a_no_op_off_cuda():
+    gpu = GpuClock(torch.device("cpu"))
+    assert gpu.end(gpu.begin()) is None
+    assert gpu.busy_seconds() == 0.0 and gpu.peak_memory_bytes() is None
+
+
+def test_process_seconds_counts_from_the_process_start():
+    assert 0 < process_seconds() < 24 * 3600
