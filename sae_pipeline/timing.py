@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 
-def process_seconds() -> float:
-    """Seconds since this process started, imports included: what a user waits before the first unit of work."""
+def process_start() -> float:
+    """When this process started (``time.time()``): start-up counted from here includes the imports."""
     import psutil
 
-    return max(0.0, time.time() - psutil.Process().create_time())
+    return psutil.Process().create_time()
 
 
 class StageClock:
