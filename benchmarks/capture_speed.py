@@ -95,13 +95,16 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--file-order", action="store_true", help="also time the bare loop over unsorted batches")
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse (or build once into) this model folder")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="capture_speed_"))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = BENCHMARK_SHAPES["bielik-1.5b" if args.bielik_shape else "cpu"]
     sample = [t for t in load_sample_texts() if t.strip()]
-    model_dir = build_tiny_llama(tmp / "model", sample, **shape, dtype=dtype)
+    model_dir = args.model_dir or tmp / "model"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_llama(model_dir, sample, **shape, dtype=dtype)
     layer = args.layer if args.layer is not None else LlamaConfig.from_pretrained(model_dir).num_hidden_layers // 2
     data = tmp / "docs.jsonl"
     with data.open("w", encoding="utf-8") as f:

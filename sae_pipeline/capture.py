@@ -496,9 +496,11 @@ def save_activations(
     clock = StageClock(STAGES)
     writer, gpu, stopped = _capture(run, capturer, planner, todo, stop, clock, settings, started)
     n_tokens = sum(info["n_tokens"] for info, _ in writer.written)
+    wall = time.time() - started
     timing = clock.report(
-        time.time() - started,
+        wall,
         gpu,
+        gpu_span_s=wall - clock.seconds()["start-up"],
         host=socket.gethostname(),
         task=None if settings.capture_task_id is None else [settings.capture_task_id, settings.capture_task_count],
         device=str(capturer.device),

@@ -54,12 +54,18 @@ class StageClock:
         with self._lock:
             return dict(self._seconds)
 
-    def report(self, wall_s: float, gpu: GpuClock | None = None, **extra: Any) -> dict[str, Any]:
-        """``{"wall_s", "stages_s": {stage: s}, "gpu_busy", "gpu_peak_memory_bytes", **extra}`` (GPU keys on CUDA)."""
+    def report(
+        self, wall_s: float, gpu: GpuClock | None = None, gpu_span_s: float | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        """``{"wall_s", "stages_s": {stage: s}, "gpu_busy", "gpu_peak_memory_bytes", **extra}`` (GPU keys on CUDA).
+
+        ``gpu_busy`` is the GPU's busy time over ``gpu_span_s`` (default: the wall time), e.g. the time after
+        start-up, during which the GPU had work to do."""
         out: dict[str, Any] = {"wall_s": round(wall_s, 3)}
         out["stages_s"] = {name: round(s, 3) for name, s in self.seconds().items()}
         if gpu is not None and gpu.enabled:
-            out["gpu_busy"] = round(gpu.busy_seconds() / wall_s, 3) if wall_s > 0 else None
+            span = gpu_span_s if gpu_span_s is not None else wall_s
+            out["gpu_busy"] = round(gpu.busy_seconds() / span, 3) if span > 0 else None
             out["gpu_peak_memory_bytes"] = gpu.peak_memory_bytes()
         return {**out, **extra}
 
