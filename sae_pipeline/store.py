@@ -8,7 +8,7 @@ Layout (mi_crow's ``LocalStore`` layout, so ``mi_crow.store.StoreDataloader`` re
     STORE_DIR/runs/<run_id>/batch_<i>/metadata.json
     STORE_DIR/runs/<run_id>/batch_<i>/<layer_signature>/activations.safetensors   {"tensor": [n_tokens, d_model]}
     STORE_DIR/runs/<run_id>/batch_<i>/tokens/provenance.safetensors              {"tensor": int32 [n_tokens, 3]}
-    STORE_DIR/runs/<run_id>/timing/<time>_<host>_<pid>.json   where each capture process spent its time
+    STORE_DIR/runs/<run_id>/timing/<time>_<host>_<pid>_<random>.json   where each capture process spent its time
 
 A shard holds one activations file per captured layer, row for row with the provenance they share. It is built in a
 hidden temporary folder and renamed into place, so ``batch_<i>`` exists only when complete. Provenance columns are
@@ -391,7 +391,7 @@ class ActivationRun:
     def write_timing(self, report: dict[str, Any]) -> None:
         """One file per capture process (a job, an array task, a resumed part), gathered into meta.json's
         ``timing`` list when the run completes: array tasks never write the manifest at the same time."""
-        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}_{socket.gethostname()}_{os.getpid()}.json"
+        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}_{socket.gethostname()}_{os.getpid()}_{secrets.token_hex(3)}.json"
         atomic_write_json(self.dir / TIMING_DIR / name, report)
 
     def shard_info(self, index: int) -> dict[str, Any]:
