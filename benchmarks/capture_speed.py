@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -149,6 +150,7 @@ def main() -> None:
             for limit in (args.small, args.large):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
+                os.sync()  # no dirty pages of the last run still being written back
                 started = time.perf_counter()
                 n = fn(limit, f"r{repeat}_{limit}")
                 timed[limit] = (n, time.perf_counter() - started)

@@ -4,13 +4,15 @@ Shard i holds documents [i * DOCS_PER_SHARD, (i + 1) * DOCS_PER_SHARD) of the (l
 of work: a rerun skips the ones on disk, an array task takes every N-th, a stop signal lets the current one finish.
 
 One forward per batch serves every listed layer (a mi_crow detector on each; the forward stops right after the
-hook that fires last). Four stages run beside each other, joined by bounded queues (sae_pipeline/stages.py):
+hook that fires last). Three stages run beside each other, joined by bounded queues (sae_pipeline/stages.py):
 
-    prepare   (thread)  read and tokenise a shard, sort its documents by length, plan where each stored row goes,
-                        pad the batches
-    forward   (main)    the truncated forward; stored rows selected and cast on the device, copied to the host
-    assemble  (thread)  wait for the copy, put the rows into the shard's buffers in document order
-    write     (thread)  write the complete shard atomically (ActivationRun.write_shard)
+    prepare  (thread)  read and tokenise a shard, sort its documents by length, plan where each stored row goes,
+                       pad the batches
+    forward  (main)    the truncated forward; each layer's stored rows go straight into the shard's buffers in
+                       document order (CPU: one cast-and-copy; CUDA: selected and cast on the GPU, then copied into
+                       pinned buffers on a side stream while the next forward runs)
+    write    (thread)  write the complete shard atomically (ActivationRun.write_shard); two sets of buffers take
+                       turns, so memory stays flat
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from sae_pipeline.timing import GpuClock, StageClock
 
 STAGES = ("start-up", "tokenise", "forward", "copy", "write", "waiting for batches", "waiting for the writer")
 BATCHES_AHEAD = 4  # padded batches prepared ahead of the forward
-BATCHES_BEHIND = 4  # forwarded batches waiting to be put in document order
 DISK_SAMPLE_DOCS = 512  # documents tokenised to estimate the disk a capture needs
 
 
@@ -95,7 +96,7 @@ class Batch:
     mask: torch.Tensor
     positions: torch.Tensor
     rows: torch.Tensor  # the stored positions as flat indices into [docs * width], row by row
-    dest: torch.Tensor  # the row each of them takes in the shard (document order)
+    runs: list[tuple[int, int, int, int]]  # stretches of stored rows: (flat index, index in rows, shard row, length)
     n_docs: int  # 0 for the one placeholder batch of a shard without documents
     last: bool  # the shard's last batch
 
@@ -171,13 +172,24 @@ class Planner:
         tensors = [ids, mask, positions, rows]
         if self.pin:  # pinned: the copies to the GPU do not wait for the host
             tensors = [t.pin_memory() for t in tensors]
-        return Batch(plan, *tensors, dest, len(docs), last)
+        return Batch(plan, *tensors, runs(rows, dest), len(docs), last)
 
     def batches(self, shards: list[int], clock: StageClock) -> Iterator[Batch]:
         for index in shards:
             with clock.stage("tokenise"):
                 batches = self.shard(index)
             yield from batches
+
+
+def runs(rows: torch.Tensor, dest: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """The stretches where consecutive stored rows are consecutive in the batch and in the shard (a document's
+    tokens, unless a special token splits them): one copy each, from the forward's output into the shard."""
+    if len(rows) == 0:
+        return []
+    breaks = ((rows[1:] - rows[:-1] != 1) | (dest[1:] - dest[:-1] != 1)).nonzero().squeeze(1) + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    lengths = torch.diff(starts, append=torch.tensor([len(rows)]))
+    return list(zip(rows[starts].tolist(), starts.tolist(), dest[starts].tolist(), lengths.tolist(), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------- forward
@@ -187,49 +199,63 @@ class _StopForward(Exception):
     """Raised right after the deepest hooked layer: nothing later in the model is needed."""
 
 
-def _make_detector(signature: str, hook_side: str, store_dtype: torch.dtype, order: itertools.count):
+def _make_detector(signature: str, hook_side: str, order: itertools.count, take):
     from mi_crow.hooks import Detector
     from mi_crow.hooks.hook import HookType
     from mi_crow.hooks.utils import extract_tensor_from_output
 
     class StoredRowsCapture(Detector):
-        """A mi_crow detector that keeps only the stored rows, selected and cast on the model's device.
+        """A mi_crow detector that hands the hooked tensor, as [batch * seq, d], to ``take(signature, tensor)``.
 
-        ``rows`` (flat indices into [batch * seq]) and the batch shape are set before each forward; ``fired`` records
-        when the hook ran, so that the forward can stop after the last one.
+        ``batch_shape`` is set before each forward: a hook that gives anything else is not taken (and reported).
+        ``fired`` records when the hook ran, so that the forward can stop after the last one.
         """
 
         def __init__(self) -> None:
             side = HookType.PRE_FORWARD if hook_side == "input" else HookType.FORWARD
             super().__init__(hook_type=side, hook_id=f"sae_pipeline_capture_{signature}", layer_signature=signature)
-            self.rows: torch.Tensor | None = None
-            self.batch_shape: tuple[int, int] = (0, 0)
-            self.captured: torch.Tensor | None = None
+            self.batch_shape: tuple[int, ...] = ()
             self.fired = -1
 
         def process_activations(self, module, input, output) -> None:
             tensor = input[0] if self.hook_type == HookType.PRE_FORWARD else extract_tensor_from_output(output)
             self.fired = next(order)
-            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tuple(tensor.shape[:2]) != self.batch_shape:
-                self.captured = None
-                return
-            # cast first, then select: on the CPU several times faster than selecting float32 rows
-            self.captured = tensor.reshape(-1, tensor.shape[-1]).to(store_dtype).index_select(0, self.rows)
+            if isinstance(tensor, torch.Tensor) and tensor.ndim == 3 and tuple(tensor.shape[:2]) == self.batch_shape:
+                take(signature, tensor.reshape(-1, tensor.shape[-1]))
 
     return StoredRowsCapture()
 
 
+def copy_runs(dest: torch.Tensor, source: torch.Tensor, runs, column: int, non_blocking: bool = False) -> None:
+    """``dest[shard row ...] = source[row ...]`` stretch by stretch, casting on the way (``column``: which index
+    of a run addresses ``source``: 0 its flat index in the batch, 1 its index among the stored rows)."""
+    for run in runs:
+        src, dst, n = run[column], run[2], run[3]
+        dest[dst : dst + n].copy_(source[src : src + n], non_blocking=non_blocking)
+
+
 class Capturer:
-    """The model with one detector per layer and a stop after the deepest; runs one batch's forward."""
+    """The model with one detector per layer and a stop after the deepest; runs one batch's forward and puts each
+    layer's stored rows into the shard's buffers, in document order.
+
+    On the CPU the rows are copied straight from the hooked tensor into the buffers, cast on the way (one pass, no
+    temporary). On CUDA they are selected and cast on the GPU, then copied into the (pinned) buffers on a side
+    stream, so the next forward does not wait for them; ``shard_copied()`` gives the event that says they are done.
+    """
 
     def __init__(self, lm, signatures: list[str], settings: CaptureSettings):
         self.lm = lm
         self.device = next(lm.model.parameters()).device
+        self.dtype = DTYPES[settings.store_dtype]
         self.tokenizer = lm.tokenizer
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.copy_seconds = 0.0  # host time spent copying rows, in the last forward
+        self._take = None
         fired = itertools.count()
         self.detectors = {
-            sig: _make_detector(sig, settings.hook_side, DTYPES[settings.store_dtype], fired) for sig in signatures
+            sig: _make_detector(sig, settings.hook_side, fired, lambda sig, flat: self._take(sig, flat))
+            for sig in signatures
         }
         for sig, detector in self.detectors.items():
             lm.layers.register_hook(sig, detector)
@@ -245,27 +271,59 @@ class Capturer:
         ids, mask = pad_batch(
             [self.tokenizer("probe")["input_ids"]], self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
         )
-        captured = self._run(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), torch.arange(ids.numel()))
+        widths: dict[str, int] = {}
+        self._forward(
+            ids, mask, (mask.cumsum(1) - 1).clamp(min=0), lambda sig, flat: widths.update({sig: flat.shape[1]})
+        )
         deepest = max(self.detectors, key=lambda sig: self.detectors[sig].fired)
         self.lm.layers.register_forward_hook_for_layer(deepest, self._stop)
         return [
-            LayerSpec(sig, int(acts.shape[-1]), hf_module_path(self.lm.model, sig), block_index(sig))
-            for sig, acts in captured.items()
+            LayerSpec(sig, int(widths[sig]), hf_module_path(self.lm.model, sig), block_index(sig))
+            for sig in self.detectors
         ]
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Each layer's stored rows of the batch, in the storage dtype, on the model's device.
+    def forward(self, batch: Batch, buffers: dict[str, torch.Tensor]) -> None:
+        """The batch's forward; each layer's stored rows go to ``buffers[signature]`` (the shard, document order).
 
         Position ids come from the mask, as in generation, so a left-padded document gets the positions it has
         alone; the rows are selected on the device, so only stored tokens cross to the host.
         """
-        return self._run(batch.ids, batch.mask, batch.positions, batch.rows)
+        self.copy_seconds = 0.0
+        if self.copy_stream is None:
+            self._forward(
+                batch.ids, batch.mask, batch.positions, lambda sig, flat: self._copy(buffers[sig], flat, batch)
+            )
+            return
+        rows, stored = batch.rows.to(self.device, non_blocking=True), {}
+        self._forward(
+            batch.ids,
+            batch.mask,
+            batch.positions,
+            lambda sig, flat: stored.update({sig: flat.to(self.dtype).index_select(0, rows)}),
+        )
+        started = time.perf_counter()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for sig, rows_of_layer in stored.items():
+                rows_of_layer.record_stream(self.copy_stream)  # not reused by the forward before it is copied
+                copy_runs(buffers[sig], rows_of_layer, batch.runs, column=1, non_blocking=True)
+        self.copy_seconds = time.perf_counter() - started
 
-    def _run(self, ids, mask, positions, rows) -> dict[str, torch.Tensor]:
+    def _copy(self, dest: torch.Tensor, flat: torch.Tensor, batch: Batch) -> None:
+        started = time.perf_counter()
+        copy_runs(dest, flat, batch.runs, column=0)
+        self.copy_seconds += time.perf_counter() - started
+
+    def shard_copied(self):
+        """On CUDA the event after every copy issued so far (wait on it before reading the buffers); else None."""
+        return None if self.copy_stream is None else self.copy_stream.record_event()
+
+    def _forward(self, ids, mask, positions, take) -> None:
         to_device = dict(device=self.device, non_blocking=True)
-        rows = rows.to(**to_device)
+        taken = set()
+        self._take = lambda sig, flat: (taken.add(sig), take(sig, flat))
         for detector in self.detectors.values():
-            detector.rows, detector.batch_shape, detector.captured = rows, tuple(ids.shape), None
+            detector.batch_shape = tuple(ids.shape)
         with torch.inference_mode():
             try:
                 self.lm.model(
@@ -276,21 +334,12 @@ class Capturer:
                 )
             except _StopForward:
                 pass
-        captured = {}
-        for sig, detector in self.detectors.items():
-            if detector.captured is None:
-                raise PipelineError(
-                    f"the hook {sig!r} does not give one activation vector per token; choose another "
-                    "LAYER_SIGNATURE (discover_layers.py --all lists them)"
-                )
-            captured[sig], detector.captured = detector.captured, None
-        return captured
-
-    def to_host(self, captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """On CUDA an asynchronous copy into pinned memory (wait on an event recorded after it); else the tensors."""
-        if self.device.type == "cuda":
-            return {sig: t.to("cpu", non_blocking=True) for sig, t in captured.items()}
-        return {sig: t.cpu() for sig, t in captured.items()}
+        missing = [sig for sig in self.detectors if sig not in taken]
+        if missing:
+            raise PipelineError(
+                f"the hook {missing[0]!r} does not give one activation vector per token; choose another "
+                "LAYER_SIGNATURE (discover_layers.py --all lists them)"
+            )
 
     def prepends_bos(self) -> bool:
         """Whether the tokenizer starts every document with BOS (recorded for SAELens' ``prepend_bos``)."""
@@ -311,14 +360,7 @@ def out_of_memory_hint(batch: Batch, settings: CaptureSettings) -> PipelineError
     )
 
 
-# ---------------------------------------------------------------------------------------------------- assemble, write
-
-
-@dataclass
-class Forwarded:
-    batch: Batch
-    rows: dict[str, torch.Tensor]  # on the host once ``ready`` is done
-    ready: Any  # CUDA event recorded after the copies, or None
+# ---------------------------------------------------------------------------------------------------- write
 
 
 @dataclass
@@ -334,16 +376,18 @@ class HostBuffers:
 
 class BufferPool:
     """Buffers that take turns (one shard filling, one being written): host memory holds two shards at most and
-    reuses the same pages shard after shard."""
+    reuses the same pages shard after shard. Pinned on CUDA, so the copies from the GPU land in them directly."""
 
-    def __init__(self, layers: list[LayerSpec], dtype: torch.dtype, writer: Worker, sets: int = 2) -> None:
-        self.layers, self.dtype, self.writer = layers, dtype, writer
+    def __init__(self, layers: list[LayerSpec], dtype: torch.dtype, pin: bool, writer: Worker, sets: int = 2) -> None:
+        self.layers, self.dtype, self.pin, self.writer = layers, dtype, pin, writer
         self._free: queue.Queue[HostBuffers] = queue.Queue()
         for _ in range(sets):
             self._free.put(HostBuffers({}))
 
-    def take(self, n_tokens: int) -> HostBuffers:
-        """A free set grown to ``n_tokens`` rows; waits while the writer holds every set (and fails with it)."""
+    def take(self, n_tokens: int) -> tuple[HostBuffers, float]:
+        """A free set grown to ``n_tokens`` rows, and the seconds spent waiting while the writer held every set
+        (it fails with the writer)."""
+        started = time.perf_counter()
         while True:
             self.writer.raise_if_failed()
             try:
@@ -351,36 +395,18 @@ class BufferPool:
                 break
             except queue.Empty:
                 pass
+        waited = time.perf_counter() - started
         for layer in self.layers:
             held = buffers.full.get(layer.signature)
             if held is None or held.shape[0] < n_tokens:
-                buffers.full[layer.signature] = torch.empty(n_tokens, layer.d_model, dtype=self.dtype)
+                buffers.full[layer.signature] = torch.empty(
+                    n_tokens, layer.d_model, dtype=self.dtype, pin_memory=self.pin
+                )
         buffers.n_tokens = n_tokens
-        return buffers
+        return buffers, waited
 
     def give_back(self, buffers: HostBuffers) -> None:
         self._free.put(buffers)
-
-
-class Assembler:
-    """Puts each forwarded batch's rows into its shard's buffers, in document order; hands complete shards on."""
-
-    def __init__(self, pool: BufferPool, writer: Worker, clock: StageClock) -> None:
-        self.pool, self.writer, self.clock = pool, writer, clock
-        self.filling: HostBuffers | None = None
-
-    def __call__(self, item: Forwarded) -> None:
-        plan = item.batch.shard
-        if self.filling is None:
-            self.filling = self.pool.take(plan.info["n_tokens"])
-        with self.clock.stage("copy"), torch.inference_mode():
-            if item.ready is not None:
-                item.ready.synchronize()
-            for sig, rows in item.rows.items():
-                self.filling.full[sig].index_copy_(0, item.batch.dest, rows)
-        if item.batch.last:
-            self.writer.put((plan, self.filling))
-            self.filling = None
 
 
 class ShardWriter:
@@ -391,8 +417,11 @@ class ShardWriter:
         self.pool: BufferPool | None = None
         self.written: list[tuple[dict[str, Any], int]] = []  # (shard info, bytes)
 
-    def __call__(self, item: tuple[ShardPlan, HostBuffers]) -> None:
-        plan, buffers = item
+    def __call__(self, item: tuple[ShardPlan, HostBuffers, Any]) -> None:
+        plan, buffers, copied = item
+        if copied is not None:
+            with self.clock.stage("copy"):
+                copied.synchronize()
         try:
             with self.clock.stage("write"):
                 size = self.run.write_shard(plan.index, buffers.views(), plan.provenance, plan.info)
@@ -576,12 +605,11 @@ def _capture(
     settings: CaptureSettings,
     started: float,
 ) -> tuple[ShardWriter, GpuClock, bool]:
-    """The four stages over this process's shards; ``True`` at the end when a stop signal ended them early (after a
+    """The stages over this process's shards; ``True`` at the end when a stop signal ended them early (after a
     whole shard, every forwarded shard written). An error anywhere cancels every stage."""
     writer = ShardWriter(run, clock)
     write = Worker("write", writer, maxsize=2)
-    writer.pool = BufferPool(capturer.layers, DTYPES[settings.store_dtype], write)
-    assemble = Worker("assemble", Assembler(writer.pool, write, clock), maxsize=BATCHES_BEHIND)
+    writer.pool = BufferPool(capturer.layers, capturer.dtype, capturer.copy_stream is not None, write)
     prepare = Producer("prepare", lambda: planner.batches(todo, clock), maxsize=BATCHES_AHEAD)
     gpu = GpuClock(capturer.device)
     n_docs = sum(min(settings.docs_per_shard, len(planner.texts) - i * settings.docs_per_shard) for i in todo)
@@ -594,12 +622,13 @@ def _capture(
             dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 30,
         ) as progress:
-            stopped = _forward_all(capturer, prepare, assemble, todo, stop, clock, gpu, progress, settings, started)
+            stopped = _forward_all(
+                capturer, prepare, write, writer.pool, todo, stop, clock, gpu, progress, settings, started
+            )
         prepare.cancel()
-        assemble.close()
         write.close()
     except BaseException:
-        for stage in (prepare, assemble, write):
+        for stage in (prepare, write):
             stage.cancel()
         raise
     return writer, gpu, stopped
@@ -608,7 +637,8 @@ def _capture(
 def _forward_all(
     capturer: Capturer,
     prepare: Producer,
-    assemble: Worker,
+    write: Worker,
+    pool: BufferPool,
     todo: list[int],
     stop: StopFlag,
     clock: StageClock,
@@ -617,9 +647,9 @@ def _forward_all(
     settings: CaptureSettings,
     started: float,
 ) -> bool:
-    """The main thread's part: forward every prepared batch and pass its rows on; polls the stop flag between
-    shards. Returns whether it stopped early."""
-    tokens, first = 0, True
+    """The main thread's part: forward every prepared batch into its shard's buffers and hand complete shards to
+    the writer; polls the stop flag between shards. Returns whether it stopped early."""
+    tokens, first, buffers = 0, True, None
     with torch.inference_mode():
         while True:
             batch, waited = prepare.get()
@@ -627,25 +657,28 @@ def _forward_all(
             first = False
             if batch is None:
                 return False
-            rows, ready = {}, None
+            if buffers is None:
+                buffers, waited = pool.take(batch.shard.info["n_tokens"])
+                clock.add("waiting for the writer", waited)
             if batch.n_docs:
-                mark = gpu.begin()
+                mark, forward_started = gpu.begin(), time.perf_counter()
                 try:
-                    with clock.stage("forward"):
-                        captured = capturer.forward(batch)
+                    capturer.forward(batch, buffers.full)
                 except Exception as exc:
                     if is_out_of_memory(exc):
                         raise out_of_memory_hint(batch, settings) from None
                     raise
-                with clock.stage("copy"):
-                    rows = capturer.to_host(captured)
-                ready = gpu.end(mark)
-            clock.add("waiting for the writer", assemble.put(Forwarded(batch, rows, ready)))
-            tokens += len(batch.dest)
+                gpu.end(mark)
+                clock.add("forward", time.perf_counter() - forward_started - capturer.copy_seconds)
+                clock.add("copy", capturer.copy_seconds)
+            tokens += int(batch.shard.info["n_tokens"]) if batch.last else 0
             progress.update(batch.n_docs + (batch.shard.info["n_empty"] if batch.last else 0))
             progress.set_postfix_str(f"{tokens / max(progress.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False)
-            if batch.last and stop.requested and batch.shard.index != todo[-1]:
-                return True
+            if batch.last:
+                clock.add("waiting for the writer", write.put((batch.shard, buffers, capturer.shard_copied())))
+                buffers = None
+                if stop.requested and batch.shard.index != todo[-1]:
+                    return True
 
 
 def _print_summary(

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sae_pipeline.capture as capture_mod
-from sae_pipeline.capture import STAGES, Capturer, Planner, save_activations
+from sae_pipeline.capture import STAGES, Capturer, Planner, runs, save_activations
 from sae_pipeline.data import load_texts
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.model import load_language_model
@@ -183,13 +183,24 @@ def test_the_forward_stops_after_the_hook_that_fires_last(tiny_model, tmp_path):
         load_texts(str(SAMPLE), "train", "text", 20, False, 0), lm.tokenizer, s, capturer.special_ids, False
     )
     batch = planner.shard(0)[0]
+    n_tokens = batch.shard.info["n_tokens"]
+    buffers = {sig(2): torch.full((n_tokens, 64), float("nan")), sig(0): torch.full((n_tokens, 64), float("nan"))}
     ran.clear()
-    captured = capturer.forward(batch)
+    capturer.forward(batch, buffers)
     assert ran == ["norm0", "mlp0", "norm1", "mlp1", "norm2"], "stop right after block 2's hook, the last to fire"
-    assert {k: v.shape for k, v in captured.items()} == {sig(2): (len(batch.rows), 64), sig(0): (len(batch.rows), 64)}
+    written = sum(n for *_, n in batch.runs)
+    assert written == len(batch.rows) and all(int(torch.isfinite(b).all(1).sum()) == written for b in buffers.values())
 
 
 # ------------------------------------------------------------------------------------------------------------- batches
+
+
+def test_runs_are_the_stretches_consecutive_in_the_batch_and_in_the_shard():
+    """A special token inside a document (kept out) splits its stretch; so does the next document."""
+    rows = torch.tensor([1, 2, 3, 5, 6, 9])  # flat indices in the batch: position 4 was a special token
+    dest = torch.tensor([10, 11, 12, 13, 14, 0])  # the last row belongs to another document, first in the shard
+    assert runs(rows, dest) == [(1, 0, 10, 3), (5, 3, 13, 2), (9, 5, 0, 1)]
+    assert runs(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) == []
 
 
 def test_batches_sized_by_tokens_store_the_same_tokens(tiny_model, tmp_path, captured):
