@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from sae_pipeline.capture import keep_mask, pad_batch, save_activations
 from sae_pipeline.data import load_texts
 from sae_pipeline.settings import CaptureSettings
+from sae_pipeline.store import ActivationRun, Store
 from sae_pipeline.timing import StageClock
 from sae_pipeline.tiny_model import BENCHMARK_SHAPES, build_tiny_llama, load_sample_texts
 
@@ -82,6 +83,30 @@ class Bare:
         return tokens
 
 
+def check_rows(bare: Bare, step1, texts: list[str], layer: int, store: Path) -> str:
+    """Step 1's stored rows of 8 documents against each document's forward alone (no padding): catches rows that
+    land in the wrong place or never arrive (e.g. an asynchronous copy read too early)."""
+    n_tokens = step1(64, "check", keep=True)
+    run = ActivationRun(Store(store), "check")
+    signature = f"llamaforcausallm_model_layers_{layer}_post_attention_layernorm"
+    acts, prov = (torch.cat(t) for t in zip(*(run.read_shard(i, signature) for i in sorted(run.completed_shards()))))
+    assert acts.shape[0] == n_tokens and torch.isfinite(acts.float()).all(), "missing or unwritten rows"
+    worst = 0.0
+    with torch.inference_mode():
+        for doc in range(0, 64, 8):
+            ids = bare.tokenizer(texts[doc], truncation=True, max_length=bare.args.max_length, return_tensors="pt")
+            try:
+                bare.model(input_ids=ids["input_ids"].to(bare.device), use_cache=False)
+            except Stop:
+                pass
+            rows = prov[:, 0] == doc
+            want = bare.seen["x"][0][prov[rows, 1].long().to(bare.device)].float().cpu()
+            got = acts[rows].float()
+            worst = max(worst, float((got - want).norm() / want.norm()))
+    assert worst < 3e-2, f"stored rows differ from the forward alone: relative error {worst:.3g}"
+    return f"rows checked against each document alone: relative error at most {worst:.2g} (bf16)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bielik-shape", action="store_true")
@@ -114,7 +139,7 @@ def main() -> None:
     bare = Bare(model_dir, layer, device, dtype, args)
     reports = {}
 
-    def step1(limit: int, run_id: str) -> int:
+    def step1(limit: int, run_id: str, keep: bool = False) -> int:
         settings = CaptureSettings(
             model_id=str(model_dir),
             hf_dataset=str(data),
@@ -131,7 +156,8 @@ def main() -> None:
         )
         summary = save_activations(settings, run_id=run_id)
         reports[limit] = summary
-        shutil.rmtree(tmp / "store" / "runs" / run_id)
+        if not keep:
+            shutil.rmtree(tmp / "store" / "runs" / run_id)
         return summary.n_tokens
 
     texts = load_texts(str(data), "train", "text", args.large, False, 0)["text"]
@@ -141,6 +167,7 @@ def main() -> None:
     }
     if args.file_order:
         paths["bare forward, batches in file order"] = lambda limit, rid: bare(texts[:limit], sort_by_length=False)
+    check = check_rows(bare, step1, texts, layer, tmp / "store")  # also the warm-up
     for fn in paths.values():  # warm-up
         fn(min(64, args.small), "warm")
     rates: dict[str, list[float]] = {name: [] for name in paths}
@@ -177,7 +204,7 @@ def main() -> None:
     d = shape["hidden_size"]
     print(
         f"bytes on disk per stored token: {summary.bytes_written / summary.n_tokens:.1f} "
-        f"(bf16, d_model {d}; budget 2*d+16 = {2 * d + 16})"
+        f"(bf16, d_model {d}; budget 2*d+16 = {2 * d + 16}); {check}"
     )
     shutil.rmtree(tmp)
 
