@@ -16,6 +16,7 @@
 #
 #   sbatch submit_save_activations.sh                              # the seed's settings below
 #   DATA_LIMIT=5000 LAYER_NUM=20 sbatch submit_save_activations.sh # any pipeline variable, from your shell
+#   LAYER_NUM=8,16,24 BATCH_TOKENS_SAVE=65536 sbatch submit_save_activations.sh   # 3 layers, GPU-sized batches
 #   sbatch --time=2:00:00 --mem=16G submit_save_activations.sh     # any #SBATCH line, on the command line
 #   sbatch --array=0-3 -o sae_save_activations_%A_%a.out -e sae_save_activations_%A_%a.err \
 #          submit_save_activations.sh                              # 4 tasks fill one run together

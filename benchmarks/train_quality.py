@@ -79,7 +79,7 @@ def capture(store: Store, n_tokens: int, shard_tokens: int = 20_000) -> Activati
         if sum(k.shape[0] for k in kept) >= shard_tokens or total >= n_tokens:
             acts = torch.cat(kept)
             run.write_shard(
-                shard, LAYER, acts, torch.zeros(acts.shape[0], 3, dtype=torch.int32), {"n_tokens": acts.shape[0]}
+                shard, {LAYER: acts}, torch.zeros(acts.shape[0], 3, dtype=torch.int32), {"n_tokens": acts.shape[0]}
             )
             shard, kept = shard + 1, []
             print(f"captured {total:,} tokens", file=sys.stderr)
@@ -202,7 +202,7 @@ def run_mi_crow(store: Store, loader: TokenLoader, d: int, k: int, epochs: int, 
         for s in loader.shards:
             acts = loader.read(s)[: s.n_train]
             train_run.write_shard(
-                s.index, LAYER, acts, torch.zeros(acts.shape[0], 3, dtype=torch.int32), {"n_tokens": acts.shape[0]}
+                s.index, {LAYER: acts}, torch.zeros(acts.shape[0], 3, dtype=torch.int32), {"n_tokens": acts.shape[0]}
             )
         train_run.write_meta({**loader.run.read_meta(), "run_id": train_run.run_id})
     torch.manual_seed(0)

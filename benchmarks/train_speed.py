@@ -58,7 +58,7 @@ def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_00
         n = min(shard_tokens, n_tokens - start)
         acts = (torch.randn(n, d, generator=gen) + offset).to(torch.bfloat16)
         info = {"index": i, "doc_start": i, "doc_stop": i + 1, "n_tokens": n, "n_empty": 0}
-        run.write_shard(i, LAYER, acts, torch.zeros(n, 3, dtype=torch.int32), info)
+        run.write_shard(i, {LAYER: acts}, torch.zeros(n, 3, dtype=torch.int32), info)
     assert run.finalize_if_complete() is not None
     return run_id
 

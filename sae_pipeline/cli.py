@@ -14,6 +14,18 @@ from sae_pipeline.errors import PipelineError, StorageError, storage_error
 from sae_pipeline.preemption import StopRequested
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
 
+# Installed (overcomplete needs them) and imported by transformers whenever installed, yet never used by a text model:
+# torchvision for image and video helpers, scipy for object-detection losses.
+UNUSED_BY_TEXT_MODELS = ("torchvision", "scipy")
+
+
+def skip_unused_imports() -> None:
+    """Mark the packages a text model never uses as absent in this process (``sys.modules[name] = None``), so that
+    transformers, which imports whatever is installed, leaves them out: about a second of start-up. Only for steps
+    that never need them (capture, discover_layers; overcomplete's SAE does), before transformers is imported."""
+    for name in UNUSED_BY_TEXT_MODELS:
+        sys.modules.setdefault(name, None)
+
 
 @dataclass(frozen=True)
 class Resume:
@@ -79,9 +91,11 @@ def save_activations_main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         settings = load_settings(CaptureSettings)  # before the heavy import: a bad variable fails in a blink
+        skip_unused_imports()
         from sae_pipeline.capture import save_activations
+        from sae_pipeline.timing import process_start
 
-        save_activations(settings, run_id=args.run_id)
+        save_activations(settings, run_id=args.run_id, started=process_start())
 
     exit_on_error(run, CAPTURE_RESUME)
 
@@ -117,6 +131,7 @@ def discover_layers_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        skip_unused_imports()
         from sae_pipeline.layers import discover
 
         discover(load_settings(CommonSettings), load=args.load, show_all=args.all)

@@ -141,10 +141,11 @@ def _free_space(path: Path) -> str:
         usage = shutil.disk_usage(path)
     except OSError:
         return "free space unknown"
-    return f"{_human(usage.free)} free of {_human(usage.total)}"
+    return f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``512 B``, ``160.0 KiB``, ``1.2 GiB``: a size a person reads at a glance."""
     if n < 1024:
         return f"{n:,.0f} B"
     for unit in ("KiB", "MiB", "GiB"):

@@ -181,6 +181,15 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """A GPU out-of-memory error, also when a hook wrapped it (mi_crow re-raises errors in hooks as its own)."""
+    while exc is not None:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def num_layers(config: PretrainedConfig) -> int | None:
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, attr, None)

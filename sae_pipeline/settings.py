@@ -122,6 +122,12 @@ class CaptureSettings(CommonSettings):
     data_shuffle: bool = Field(False, description="shuffle the split (seeded by SEED) before taking DATA_LIMIT rows")
     max_length: int = Field(128, ge=2, description="tokens per document, longer ones are truncated")
     batch_size_save: int = Field(16, ge=1, description="documents per forward pass")
+    batch_tokens_save: int | None = Field(
+        None,
+        ge=1,
+        description="padded tokens per forward pass; when set, batches are sized by tokens instead of "
+        "BATCH_SIZE_SAVE (on a GPU, see the README)",
+    )
     docs_per_shard: int = Field(1024, ge=1, description="documents per stored shard (the unit of resume)")
     hook_side: Literal["output", "input"] = Field(
         "output", description="output = the hooked module's output (seed default); input = its input"

@@ -8,11 +8,13 @@ Layout (mi_crow's ``LocalStore`` layout, so ``mi_crow.store.StoreDataloader`` re
     STORE_DIR/runs/<run_id>/batch_<i>/metadata.json
     STORE_DIR/runs/<run_id>/batch_<i>/<layer_signature>/activations.safetensors   {"tensor": [n_tokens, d_model]}
     STORE_DIR/runs/<run_id>/batch_<i>/tokens/provenance.safetensors              {"tensor": int32 [n_tokens, 3]}
+    STORE_DIR/runs/<run_id>/timing/<time>_<host>_<pid>_<random>.json   where each capture process spent its time
     STORE_DIR/runs/<sae_run_id>/              one SAE: TrainingRun (meta.json kind "sae", model.pt, saelens/, ...)
     STORE_DIR/runs/<sweep_id>/sweep.json      several SAEs: Sweep; each member a TrainingRun <sweep_id>.<suffix>/
 
-A shard is built in a hidden temporary folder and renamed into place, so ``batch_<i>`` exists only when complete.
-Provenance columns are (document index, position in the tokenized document, token id).
+A shard holds one activations file per captured layer, row for row with the provenance they share. It is built in a
+hidden temporary folder and renamed into place, so ``batch_<i>`` exists only when complete. Provenance columns are
+(document index, position in the tokenized document, token id).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +47,7 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_FILE = "run_id.txt"
 SAE_RUN_ID_FILE = "sae_run_id.txt"
 META_FILE = "meta.json"
+TIMING_DIR = "timing"
 PROVENANCE_KEY = "tokens"
 PROVENANCE_COLUMNS = ("doc_index", "position", "token_id")
 FORMAT_VERSION = 2  # 2: per-layer entries under "layers" (1 had one "layer_signature" and "d_model")
@@ -322,6 +326,7 @@ class ActivationRun:
             n_empty_documents=sum(i["n_empty"] for i in infos),
             bytes=self.size_bytes(),
             completed=datetime.now(UTC).isoformat(timespec="seconds"),
+            timing=[read_json(p) for p in sorted((self.dir / TIMING_DIR).glob("*.json"))],
         )
         self.write_meta(meta)
         self.store.write_pointer(self.run_id)
@@ -350,32 +355,45 @@ class ActivationRun:
             if shards is None or (index.isdigit() and int(index) in shards):
                 shutil.rmtree(p, ignore_errors=True)
 
+    @staticmethod
+    def bytes_per_token(layers: list[LayerSpec], store_dtype: str) -> int:
+        """Disk bytes of one stored token: its vector in every layer plus its provenance row (headers aside)."""
+        itemsize = torch.empty(0, dtype=getattr(torch, store_dtype)).element_size()
+        return sum(layer.d_model for layer in layers) * itemsize + 4 * len(PROVENANCE_COLUMNS)
+
     def write_shard(
         self,
         index: int,
-        layer_signature: str,
-        activations: torch.Tensor,
+        activations: Mapping[str, torch.Tensor],
         provenance: torch.Tensor,
         info: dict[str, Any],
     ) -> int:
-        """Write shard ``index`` atomically; returns its size in bytes."""
+        """Write shard ``index`` atomically: each layer's activations [n, d_model] (keyed by layer signature) and the
+        provenance [n, 3] they share, row for row; returns its size in bytes."""
+        for signature, acts in activations.items():
+            if acts.shape[0] != provenance.shape[0]:
+                raise ValueError(f"{signature}: {acts.shape[0]} rows for {provenance.shape[0]} provenance rows")
         final = self.shard_dir(index)
         tmp = self.dir / f".tmp_batch_{index}_{os.getpid()}_{secrets.token_hex(2)}"
         try:
             with storage_errors(final):
                 tmp.mkdir(parents=True)
-                (tmp / layer_signature).mkdir()
-                save_file({"tensor": activations.contiguous()}, str(tmp / layer_signature / "activations.safetensors"))
+                for signature, acts in activations.items():
+                    (tmp / signature).mkdir()
+                    save_file({"tensor": acts.contiguous()}, str(tmp / signature / "activations.safetensors"))
                 (tmp / PROVENANCE_KEY).mkdir()
                 save_file(
                     {"tensor": provenance.to(torch.int32).contiguous()},
                     str(tmp / PROVENANCE_KEY / "provenance.safetensors"),
                 )
                 metadata = {
-                    layer_signature: {"activations_shape": list(activations.shape)},
+                    **{sig: {"activations_shape": list(acts.shape)} for sig, acts in activations.items()},
                     PROVENANCE_KEY: {"provenance_shape": list(provenance.shape), "columns": list(PROVENANCE_COLUMNS)},
                     "shard": info,
-                    "_tensor_metadata_names": {layer_signature: ["activations"], PROVENANCE_KEY: ["provenance"]},
+                    "_tensor_metadata_names": {
+                        **{sig: ["activations"] for sig in activations},
+                        PROVENANCE_KEY: ["provenance"],
+                    },
                 }
                 (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
                 files = [f for f in tmp.rglob("*") if f.is_file()]
@@ -387,6 +405,12 @@ class ActivationRun:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return size
+
+    def write_timing(self, report: dict[str, Any]) -> None:
+        """One file per capture process (a job, an array task, a resumed part), gathered into meta.json's
+        ``timing`` list when the run completes: array tasks never write the manifest at the same time."""
+        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}_{socket.gethostname()}_{os.getpid()}_{secrets.token_hex(3)}.json"
+        atomic_write_json(self.dir / TIMING_DIR / name, report)
 
     def shard_info(self, index: int) -> dict[str, Any]:
         return read_json(self.shard_dir(index) / "metadata.json")["shard"]

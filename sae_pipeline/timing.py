@@ -1,42 +1,117 @@
-"""Where a step's time goes: wall seconds per stage (for training: read, step, checkpoint, evaluate), kept over a
-whole run across resumes; on CUDA also the GPU's busy fraction (CUDA events around the work of each step: the time
-from its first kernel to its last) and the peak GPU memory. The summary line and meta.json print ``summary()``."""
+"""Where a step's time goes: wall seconds per named stage, and on CUDA how busy the GPU was and its peak memory.
+
+Every step reports the same way (capture: start-up, tokenise, forward, copy, write, waiting; training: read, step,
+checkpoint, evaluate), in its summary line and its meta.json. Stages may run in different threads at once, so their
+seconds can add up to more than the wall time; the stage whose seconds come close to the wall time sets the pace::
+
+    clock = StageClock(("read", "step"), device)
+    with clock.stage("step"), clock.gpu_busy():
+        ...
+    report = clock.report()           # {"wall_s", "stages_s", "gpu_busy", "gpu_peak_memory_bytes"} (GPU keys on CUDA)
+    StageClock.describe(report)       # its one-line form
+"""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 
-class StageClock:
-    """Seconds per stage of one run (``stage``, ``reading``: time spent waiting for an iterator), the GPU time of
-    the work inside ``gpu_busy`` and the peak GPU memory; ``state_dict`` / ``load_state_dict`` carry them across a
-    resume, so the totals cover the whole run."""
+def process_start() -> float:
+    """When this process started (``time.time()``): start-up counted from here includes the imports."""
+    import psutil
 
-    def __init__(self, device: torch.device, stages: tuple[str, ...]):
-        self.device, self.stages = device, stages
-        self.seconds = dict.fromkeys(stages, 0.0)
-        self.before_s, self.started = 0.0, time.perf_counter()  # wall time of earlier sessions, this one's start
-        self.gpu_s, self.peak_bytes = 0.0, 0
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    return psutil.Process().create_time()
+
+
+class GpuClock:
+    """GPU time of each unit of work, from CUDA events recorded around it on the current stream.
+
+    busy = the sum of those spans: the GPU is idle between them (waiting for the CPU side); the spans themselves may
+    hold short gaps while the host launches kernels. Reading the events waits for them, so call ``busy_seconds``
+    once the work is done. Off CUDA every method is a cheap no-op.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.device = device
+        self._spans: deque[tuple[Any, Any]] = deque()
+        self._busy_ms = 0.0
+        if self.enabled:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def begin(self) -> Any:
+        if not self.enabled:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def end(self, start: Any) -> Any:
+        """Records the end of the span begun with ``start``; returns the end event (to wait on the work)."""
+        if not self.enabled:
+            return None
+        stop = torch.cuda.Event(enable_timing=True)
+        stop.record()
+        self._spans.append((start, stop))
+        self._fold(wait=False)
+        return stop
+
+    def busy_seconds(self) -> float:
+        self._fold(wait=True)
+        return self._busy_ms / 1000
+
+    def _fold(self, wait: bool) -> None:
+        """Adds finished spans to the total, so a long run holds only the few spans still in flight."""
+        while self._spans and (wait or self._spans[0][1].query()):
+            start, stop = self._spans.popleft()
+            stop.synchronize()
+            self._busy_ms += start.elapsed_time(stop)
+
+    def peak_memory_bytes(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.enabled else None
+
+
+class StageClock:
+    """Wall seconds per stage (from any thread), the wall time since the clock started and the GPU's busy time
+    (``gpu``); ``state_dict`` / ``load_state_dict`` carry them across a resume, so a report covers the whole run."""
+
+    def __init__(self, stages: tuple[str, ...] = (), device: torch.device | None = None) -> None:
+        """``stages``: the order the report lists them in (others follow in the order first seen)."""
+        self.device = device or torch.device("cpu")
+        self.gpu = GpuClock(self.device)
+        self._seconds: dict[str, float] = defaultdict(float, dict.fromkeys(stages, 0.0))
+        self._lock = threading.Lock()
+        self._started, self._before_s = time.perf_counter(), 0.0  # this session's start, wall time of earlier ones
+        self._gpu_before_s, self._peak_before = 0.0, 0
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        started = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            self.add(name, time.perf_counter() - started)
 
-    def reading(self, batches: Iterable) -> Iterator:
-        """``batches``, with the time spent waiting for each counted as "read"."""
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[name] += seconds
+
+    def seconds(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
+
+    def reading(self, batches: Iterable, stage: str = "read") -> Iterator:
+        """``batches``, with the time spent waiting for each counted as ``stage``."""
         it = iter(batches)
         while True:
-            with self.stage("read"):
+            with self.stage(stage):
                 item = next(it, None)
             if item is None:
                 return
@@ -44,53 +119,49 @@ class StageClock:
 
     @contextlib.contextmanager
     def gpu_busy(self) -> Iterator[None]:
-        if self.device.type != "cuda":
-            yield
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        """Counts the GPU time of the work queued inside (from its first kernel to its last)."""
+        mark = self.gpu.begin()
         yield
-        end.record()
-        self._events.append((start, end))
-        if len(self._events) > 256:
-            self._collect()
+        self.gpu.end(mark)
 
-    def _collect(self) -> None:
-        for start, end in self._events:
-            end.synchronize()
-            self.gpu_s += start.elapsed_time(end) / 1000
-        self._events.clear()
-        self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+    def wall_seconds(self) -> float:
+        return self._before_s + time.perf_counter() - self._started
 
-    def summary(self) -> dict[str, Any]:
-        total = self.before_s + time.perf_counter() - self.started
-        out: dict[str, Any] = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()} | {"total_s": round(total, 3)}
-        if self.device.type == "cuda":  # busy: the GPU time from each step's first kernel to its last
-            self._collect()
-            loop = total - self.seconds.get("evaluate", 0.0)  # the training loop
-            out |= {"gpu_busy_fraction": round(self.gpu_s / max(loop, 1e-9), 4), "peak_memory_bytes": self.peak_bytes}
-        return out
+    def report(self, wall_s: float | None = None, gpu_span_s: float | None = None, **extra: Any) -> dict[str, Any]:
+        """``{"wall_s", "stages_s": {stage: s}, "gpu_busy", "gpu_peak_memory_bytes", **extra}`` (GPU keys on CUDA).
+
+        ``wall_s`` defaults to the clock's own (all sessions); ``gpu_busy`` is the GPU's busy time over
+        ``gpu_span_s`` (default: the wall time), e.g. the time after start-up, during which the GPU had work to do."""
+        wall_s = self.wall_seconds() if wall_s is None else wall_s
+        out: dict[str, Any] = {"wall_s": round(wall_s, 3)}
+        out["stages_s"] = {name: round(s, 3) for name, s in self.seconds().items()}
+        if self.gpu.enabled:
+            span = gpu_span_s if gpu_span_s is not None else wall_s
+            busy = self._gpu_before_s + self.gpu.busy_seconds()
+            out["gpu_busy"] = round(busy / span, 3) if span > 0 else None
+            out["gpu_peak_memory_bytes"] = max(self._peak_before, self.gpu.peak_memory_bytes())
+        return {**out, **extra}
+
+    @staticmethod
+    def describe(report: dict[str, Any]) -> str:
+        """``tokenise 3.1 s, forward 30.2 s, ...; GPU busy 92%, peak GPU memory 12.3 GiB``."""
+        text = ", ".join(f"{name} {s:,.1f} s" for name, s in report["stages_s"].items())
+        if report.get("gpu_busy") is not None:
+            text += f"; GPU busy {report['gpu_busy']:.0%}"
+        if report.get("gpu_peak_memory_bytes") is not None:
+            text += f", peak GPU memory {report['gpu_peak_memory_bytes'] / 2**30:,.1f} GiB"
+        return text
 
     def state_dict(self) -> dict[str, Any]:
-        summary = self.summary()
         return {
-            "seconds": dict(self.seconds),
-            "total_s": summary["total_s"],
-            "gpu_s": self.gpu_s,
-            "peak_bytes": self.peak_bytes,
+            "stages_s": self.seconds(),
+            "wall_s": self.wall_seconds(),
+            "gpu_busy_s": self._gpu_before_s + self.gpu.busy_seconds(),
+            "gpu_peak_memory_bytes": max(self._peak_before, self.gpu.peak_memory_bytes() or 0),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seconds = dict(state["seconds"])
-        self.before_s, self.started = state["total_s"], time.perf_counter()
-        self.gpu_s, self.peak_bytes = state["gpu_s"], state["peak_bytes"]
-
-
-def describe(timing: dict[str, Any]) -> str:
-    """``read 1.2 s, step 30.1 s, checkpoint 0.4 s, evaluate 0.9 s; GPU busy 93%, peak 11.2 GiB``"""
-    text = ", ".join(
-        f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items() if k.endswith("_s") and k != "total_s"
-    )
-    if "gpu_busy_fraction" in timing:
-        text += f"; GPU busy {timing['gpu_busy_fraction']:.0%}, peak {timing['peak_memory_bytes'] / (1 << 30):.1f} GiB"
-    return text
+        with self._lock:
+            self._seconds = defaultdict(float, state["stages_s"])
+        self._started, self._before_s = time.perf_counter(), state["wall_s"]
+        self._gpu_before_s, self._peak_before = state["gpu_busy_s"], state["gpu_peak_memory_bytes"]

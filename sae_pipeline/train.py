@@ -53,7 +53,7 @@ from sae_pipeline.preemption import StopFlag, StopRequested
 from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import SAE_RUN_ID_FILE, SWEEP_FILE, CheckpointCommit, TrainingRun, package_versions
 from sae_pipeline.sweep import MemoryEstimate, SaeSpec, SweepPlan, plan_sweep
-from sae_pipeline.timing import StageClock, describe
+from sae_pipeline.timing import StageClock
 from sae_pipeline.train_data import TokenLoader
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def train_sae(
     window = min(settings.dead_tokens_window, max(settings.batch_size_train, loader.n_train * settings.epochs // 10))
     model_id = plan.act_meta.get("model_id")
     trainers = [Trainer(spec, settings, total_steps, window, device, dist, model_id) for spec in plan.specs()]
-    runs, commit, clock = plan.runs(), plan.commit(), StageClock(device, STAGES)
+    runs, commit, clock = plan.runs(), plan.commit(), StageClock(STAGES, device)
     progress = resume(runs, trainers, commit, clock, dist)
     if progress is None:
         progress = Progress()
@@ -119,7 +119,8 @@ def train_sae(
     with clock.stage("evaluate"):
         holdout = evaluate_holdout(trainers, loaders, settings.batch_size_train, device, dist)
     if dist.is_main:
-        timing = clock.summary()
+        wall = clock.wall_seconds()
+        timing = clock.report(wall, gpu_span_s=wall - clock.seconds()["evaluate"])  # GPU busy: over the loop
         for run, trainer, metrics, wandb_run in zip(runs, trainers, holdout, wandb):
             if run.status() != "complete":
                 write_outputs(run, trainer, metrics, plan, progress, timing, loader, dist, wandb_run)
@@ -539,7 +540,7 @@ def write_outputs(
 
     spec, settings = trainer.spec, trainer.settings
     history = {**trainer.history, "holdout": holdout}
-    train_s = timing["total_s"] - timing["evaluate_s"]  # the loop, checkpoints included
+    train_s = timing["wall_s"] - timing["stages_s"]["evaluate"]  # the loop, checkpoints included
     if wandb_run is not None:
         wandb_run.log({f"holdout/{k}": v for k, v in holdout.items()}, step=progress.step)
         wandb_run.finish()
@@ -588,7 +589,8 @@ def write_outputs(
         f"Trained SAE {run.run_id}: {spec.architecture}, {spec.n_latents} latents, k={spec.top_k}, layer "
         f"{spec.layer.signature} of activation run {plan.run.run_id}; {progress.step} steps, {settings.epochs} "
         f"epochs, {progress.tokens:,} tokens at {rate:,.0f} tokens/s on {trainer.eng.W_dec.device} "
-        f"({describe(timing)}). Held-out ({loader.n_holdout:,} tokens): FVU {ho['fvu']:.4f}, L0 {ho['l0']:.1f}, "
+        f"({StageClock.describe(timing)}). Held-out ({loader.n_holdout:,} tokens): FVU {ho['fvu']:.4f}, "
+        f"L0 {ho['l0']:.1f}, "
         f"never fired {ho['never_fired_fraction']:.1%}, dead (no firing in {trainer.window:,} tokens) "
         f"{ho['dead_fraction']:.1%}. In {run.dir}: model.pt (mi_crow TopKSae.load), saelens/, history.json, "
         "meta.json, training_curves.png."

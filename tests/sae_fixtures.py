@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.store import ActivationRun, LayerSpec, Store, atomic_save_tensors, block_index
+from sae_pipeline.store import ActivationRun, LayerSpec, Store, block_index
 
 LAYER = "llamaforcausallm_model_layers_1_post_attention_layernorm"
 LAYER3 = "llamaforcausallm_model_layers_3_post_attention_layernorm"
@@ -88,10 +88,10 @@ def make_run(
             "n_tokens": n,
             "n_empty": 0,
         }
-        run.write_shard(i, layers[0], acts, prov, info)
+        per_layer = {layers[0]: acts}
         for j, sig in enumerate(layers[1:], 1):  # another layer: other tokens of the same shape
-            other = synthetic_tokens(n, d, seed + 100 * j + i).to(dtype)
-            atomic_save_tensors(run.shard_dir(i) / sig / "activations.safetensors", {"tensor": other})
+            per_layer[sig] = synthetic_tokens(n, d, seed + 100 * j + i).to(dtype)
+        run.write_shard(i, per_layer, prov, info)
         start += n
     assert run.finalize_if_complete() is not None
     return run

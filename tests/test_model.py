@@ -17,6 +17,7 @@ from sae_pipeline.model import (
     check_model_id,
     ensure_pad_token,
     hidden_size,
+    is_out_of_memory,
     load_config,
     load_language_model,
     model_source,
@@ -185,6 +186,26 @@ def test_load_error_helper_uses_the_cause():
     outer.__cause__ = inner
     err = model_mod._load_error("org/x", outer)
     assert "401 gated repo" in str(err) and "more detail" not in str(err) and "HF_TOKEN" in str(err)
+
+
+def test_out_of_memory_is_recognised_through_mi_crow_hook_wrappers():
+    """mi_crow re-raises an error in a detector as RuntimeError, then as its HookError: the OOM is still found."""
+    from mi_crow.hooks.hook import HookError
+
+    def detector():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    try:
+        try:
+            try:
+                detector()
+            except Exception as exc:
+                raise RuntimeError("Error in detector x process_activations") from exc
+        except Exception as exc:
+            raise HookError("x", "forward", exc) from exc
+    except HookError as wrapped:
+        assert is_out_of_memory(wrapped)
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(None)
 
 
 # ---------------------------------------------------------------------------------------------------- GGUF files

@@ -16,6 +16,7 @@ from sae_pipeline.store import (
     RUN_ID_FILE,
     SAE_RUN_ID_FILE,
     ActivationRun,
+    LayerSpec,
     Store,
     atomic_save_tensors,
     atomic_write_json,
@@ -57,7 +58,7 @@ def _write_run(store: Store, run_id: str, shard_sizes=(5, 7, 3), complete: bool 
     )
     for i, n in enumerate(shard_sizes):
         acts, prov = _shard_tensors(n, seed=i)
-        run.write_shard(i, LAYER, acts, prov, {"index": i, "n_tokens": n, "n_empty": 0})
+        run.write_shard(i, {LAYER: acts}, prov, {"index": i, "n_tokens": n, "n_empty": 0})
     if complete:
         meta = run.read_meta()
         meta.update(status="complete", n_tokens=sum(shard_sizes))
@@ -203,7 +204,7 @@ def test_shard_round_trip(tmp_path):
 def test_shard_write_returns_its_size(tmp_path):
     run = ActivationRun(Store(tmp_path), "r")
     acts, prov = _shard_tensors(10)
-    size = run.write_shard(0, LAYER, acts, prov, {})
+    size = run.write_shard(0, {LAYER: acts}, prov, {})
     assert size == sum(f.stat().st_size for f in run.shard_dir(0).rglob("*") if f.is_file())
     assert size >= 10 * D * 2 + 10 * 3 * 4
 
@@ -225,14 +226,14 @@ def test_shard_appears_only_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "save_file", flaky_save)
     acts, prov = _shard_tensors(6)
     with pytest.raises(StorageError, match=f"cannot write {run.shard_dir(0)}: No space"):
-        run.write_shard(0, LAYER, acts, prov, {})
+        run.write_shard(0, {LAYER: acts}, prov, {})
     assert len(calls) == 2
     assert Path(calls[0]).parent.parent != run.shard_dir(0)  # the first file went to a temporary folder
     assert _tree(run.dir) == [META_FILE]
     assert run.completed_shards() == set()
 
     monkeypatch.setattr(store_mod, "save_file", real_save)
-    run.write_shard(0, LAYER, acts, prov, {})  # the retry succeeds
+    run.write_shard(0, {LAYER: acts}, prov, {})  # the retry succeeds
     assert run.completed_shards() == {0}
     assert torch.equal(run.read_shard(0, LAYER)[0], acts)
 
@@ -278,12 +279,41 @@ def test_missing_shard_file_names_the_file(tmp_path):
 
 
 def test_shard_with_mismatched_shapes_is_refused(tmp_path):
+    """Rows of every layer and of the provenance go together: refused when written, and when a file was replaced."""
     run = ActivationRun(Store(tmp_path), "r")
     acts, _ = _shard_tensors(5)
     _, prov = _shard_tensors(4)
-    run.write_shard(0, LAYER, acts, prov, {})
+    with pytest.raises(ValueError, match="5 rows for 4 provenance rows"):
+        run.write_shard(0, {LAYER: acts}, prov, {})
+    assert run.completed_shards() == set()
+    run.write_shard(0, {LAYER: acts[:4]}, prov, {})
+    atomic_save_tensors(run.shard_dir(0) / LAYER / "activations.safetensors", {"tensor": acts})
     with pytest.raises(PipelineError, match="unexpected shapes"):
         run.read_shard(0, LAYER)
+
+
+def test_a_shard_holds_every_layer_row_for_row(tmp_path):
+    """Several layers in one shard: one file each, one provenance, metadata naming each; mi_crow reads each."""
+    from mi_crow.store.local_store import LocalStore
+    from mi_crow.store.store_dataloader import StoreDataloader
+
+    other = "llamaforcausallm_model_layers_3_post_attention_layernorm"
+    run = ActivationRun(Store(tmp_path), "r")
+    acts, prov = _shard_tensors(6)
+    wide = torch.randn(6, 2 * D).to(torch.float32)
+    run.write_shard(0, {LAYER: acts, other: wide}, prov, {"index": 0})
+    assert torch.equal(run.read_shard(0, LAYER)[0], acts) and torch.equal(run.read_shard(0, other)[0], wide)
+    assert torch.equal(run.read_shard(0, other)[1], prov)
+    meta = json.loads((run.shard_dir(0) / "metadata.json").read_text())
+    assert meta[LAYER]["activations_shape"] == [6, D] and meta[other]["activations_shape"] == [6, 2 * D]
+    loader = StoreDataloader(LocalStore(base_path=tmp_path), "r", other, batch_size=4, dtype=torch.float32)
+    assert torch.equal(torch.cat(list(loader)), wide)
+
+
+def test_bytes_per_token_counts_every_layer_and_the_provenance():
+    layers = [LayerSpec(LAYER, 1536), LayerSpec("x", 512)]
+    assert ActivationRun.bytes_per_token(layers, "bfloat16") == (1536 + 512) * 2 + 12
+    assert ActivationRun.bytes_per_token(layers[:1], "float32") == 1536 * 4 + 12
 
 
 # ---------------------------------------------------------------------------------------------------- mi_crow

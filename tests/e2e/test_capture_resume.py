@@ -100,6 +100,8 @@ def test_stop_signal_saves_the_shard_and_exits_resumable(env, tmp_path):
     assert proc.returncode == 75, err
     assert "stopped:" in err and "--run_id stopped" in err
     assert not run.is_complete() and 1 <= len(run.completed_shards()) < 20
+    assert not list(run.dir.glob(".tmp*")), "the writer is flushed before the exit: no shard is left half-written"
+    assert len(list((run.dir / "timing").glob("*.json"))) == 1, "the stopped process leaves its time report"
     finished = run_script("01_save_activations.py", env, "--run_id", "stopped")
     assert finished.returncode == 0, finished.stderr
     assert run.is_complete()

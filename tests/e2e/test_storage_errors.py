@@ -50,16 +50,28 @@ def trained(tiny_model, tmp_path_factory):
 
 
 def test_capture_on_a_full_disk_keeps_its_shards_and_resumes(pipeline_env, tmp_path):
-    env = {**pipeline_env, "DATA_LIMIT": "60", "DOCS_PER_SHARD": "10"}  # 6 shards of about 50 KB
+    """Refused up front when the disk is smaller than the estimate; stopped mid-run when it fills up anyway (here:
+    the estimate counts the data, and tmpfs rounds each of the 30 shards' three files up to 4 KiB pages)."""
+    env = {**pipeline_env, "DATA_LIMIT": "60", "DOCS_PER_SHARD": "2"}  # about 235 KB of data, about 480 KB on disk
     with small_filesystem(tmp_path / "store", "160k") as disk:
         run = ActivationRun(Store(disk), "full1")
         res = run_script(STEP1, env, "--run_id", "full1")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert (
+            res.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"error: STORE_DIR={str(disk)!r} has 160.0 KiB free, but this capture needs about ")
+        )
+        assert not run.dir.exists()
+
+        resize(disk, "320k")
+        res = run_script(STEP1, env, "--run_id", "full1")
         line = _error_line(res)
         done = sorted(run.completed_shards())
-        assert 1 <= len(done) < 6 and done == list(range(len(done)))
+        assert 1 <= len(done) < 30 and done == list(range(len(done)))
         failed = run.shard_dir(len(done))
         assert line.startswith(f"error: cannot write {failed}: No space left on device (ENOSPC); ")
-        assert f"free of 160.0 KiB on {disk}: free space there" in line
+        assert f"free of 320.0 KiB on {disk}: free space there" in line
         assert line.endswith(
             "then rerun `uv run python 01_save_activations.py --run_id full1` "
             "(it keeps the complete shards and captures the rest)"
@@ -70,9 +82,9 @@ def test_capture_on_a_full_disk_keeps_its_shards_and_resumes(pipeline_env, tmp_p
         resize(disk, "4m")
         res = run_script(STEP1, env, "--run_id", "full1")
         assert res.returncode == 0, res.stderr[-3000:]
-        assert f"resuming run 'full1': {len(done)} of 6 shards already on disk" in res.stderr
+        assert f"resuming run 'full1': {len(done)} of 30 shards already on disk" in res.stderr
         _, meta = open_complete_run(Store(disk), "full1")
-        assert meta["n_shards"] == 6 and (disk / "run_id.txt").read_text().strip() == "full1"
+        assert meta["n_shards"] == 30 and (disk / "run_id.txt").read_text().strip() == "full1"
         now = _files(run.dir)
         assert all(now[name] == digest for name, digest in kept.items() if name.startswith("batch_"))
 
