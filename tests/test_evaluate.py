@@ -43,7 +43,7 @@ def identity_sae(d: int) -> PipelineSae:
 
 def run(lm, engine, batches, side="output", mean=None, conditions=CONDITIONS, stats=None):
     splice = make_splice(SIG, side, engine, mean)
-    splice.stats = stats
+    splice.stats = {"sae": stats} if stats is not None else {}
     lm.layers.register_hook(SIG, splice)
     try:
         return downstream(lm.model, splice, batches, CPU, conditions)
