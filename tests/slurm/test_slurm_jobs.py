@@ -329,7 +329,8 @@ def test_sweep_split_over_an_array(slurm_cluster, tiny_model, job_dir, tmp_path,
 
 def test_pipeline_with_a_sweep_array(slurm_cluster, tiny_model, job_dir, tmp_path, reference):
     """submit_pipeline.sh with TOP_K=4,8 and training as a 2-task array: capture, then both training tasks
-    (afterok on capture), then evaluation after the whole training array, all under one run id and sweep id."""
+    (afterok on capture), then evaluation of the whole sweep after the whole training array, all under one run id
+    and sweep id: it ends with the sweep's evaluation report and frontier."""
     store = tmp_path / "store"
     env = base_env(tiny_model, store, TOP_K="4,8", EPOCHS="1")
     ids = submit_pipeline(slurm_cluster, ["--", "--array=0-1"], job_dir, env)
@@ -346,5 +347,13 @@ def test_pipeline_with_a_sweep_array(slurm_cluster, tiny_model, job_dir, tmp_pat
     sweep = json.loads((store / "runs" / sweep_id / "sweep.json").read_text())
     assert sweep["status"] == "complete" and sweep["activation_run_id"] == ids["run_id"]
     assert (store / "sae_run_id.txt").read_text().strip() == sweep_id
-    scheduled = slurm_cluster.wait(evaluation, timeout=300)[evaluation]
-    assert scheduled.raw["StartTime"] >= max(t.raw["EndTime"] for t in tasks.values())
+    evaluated = slurm_cluster.wait(evaluation, timeout=300)
+    assert_completed(slurm_cluster, evaluated, job_dir)
+    assert evaluated[evaluation].raw["StartTime"] >= max(t.raw["EndTime"] for t in tasks.values())
+    # the evaluation job got the sweep's id: one report of both SAEs, the frontier, each SAE's own metrics
+    report = json.loads((store / "runs" / sweep_id / "evaluation" / "sweep.json").read_text())
+    assert report["sweep_id"] == sweep_id and [m["top_k"] for m in report["members"]] == [4, 8]
+    assert (store / "runs" / sweep_id / "evaluation" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    for member in report["members"]:
+        assert (store / "runs" / member["sae_run_id"] / "evaluation" / "metrics.json").is_file()
+    assert f"Evaluated sweep {sweep_id}: 2 SAEs" in logs(job_dir, f"sae_eval_{evaluation}.out")
