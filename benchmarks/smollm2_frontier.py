@@ -73,7 +73,9 @@ def main() -> None:
     for step in map(int, args.steps.split(",")):
         start = time.perf_counter()
         step_env = env | SWEEP if step == 2 else env
-        subprocess.run([sys.executable, str(REPO / STEPS[step][0]), *STEPS[step][1:]], cwd=REPO, env=step_env, check=True)
+        subprocess.run(
+            [sys.executable, str(REPO / STEPS[step][0]), *STEPS[step][1:]], cwd=REPO, env=step_env, check=True
+        )
         print(f"# step {step}: {time.perf_counter() - start:.0f} s", flush=True)
     if "3" in args.steps:
         report(store / "runs" / SWEEP_ID / "evaluation", args.png)
