@@ -11,6 +11,7 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from sae_pipeline.store import atomic_path  # noqa: E402
 
@@ -60,11 +61,11 @@ def plot_sweep_frontier(
         label = f"{layer} x{g['n_latents_multiplier']} {g['architecture']}" + (f" lr {g['lr']:g}" if several_lr else "")
         series.setdefault(label, []).append(g)
     for ax, (metric, name) in zip(axes[0], panels):
-        drawn = 0
+        drawn: list[float] = []
         for label, points in series.items():
             points = sorted((p for p in points if p[metric]["mean"] is not None), key=lambda p: p["top_k"])
             if points:
-                drawn += 1
+                drawn += [p["l0"]["mean"] for p in points]
                 ax.errorbar(
                     [p["l0"]["mean"] for p in points],
                     [p[metric]["mean"] for p in points],
@@ -79,6 +80,9 @@ def plot_sweep_frontier(
         else:  # e.g. CE-loss recovered where the ablation gap is noise: say so instead of an empty frame
             ax.text(0.5, 0.5, f"{name}: none measurable", ha="center", va="center", transform=ax.transAxes)
         ax.set_xscale("log")
+        if drawn:  # plain numbers at the measured L0s, not powers of ten
+            ax.set_xticks(sorted(set(drawn)), [f"{x:.3g}" for x in sorted(set(drawn))])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("L0 (active latents per token; mean ± std over seeds)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
