@@ -344,3 +344,50 @@ def test_a_failed_reevaluation_leaves_no_stale_metrics(evaluated_sweep, tmp_path
     assert not (store / "runs" / "sw" / "evaluation" / "sweep.json").exists()
     assert not (store / "runs" / "sw" / "evaluation" / "frontier.png").exists()
     assert (members[0] / "evaluation" / "feature_browser.html").is_file()  # the rest is left; metrics.json says done
+
+
+def test_two_layers_each_get_their_own_shared_passes(trained_tiny_model, tmp_path):
+    """A sweep over two layers (2 SAEs each): per batch, per layer, 3 shared forwards and one per SAE of that layer,
+    plus one width probe per layer. The two-layer activation run is two real captures of the same documents (blocks 1
+    and 2) joined into one run the way multi-layer capture stores it: a folder per layer signature in each shard."""
+    import shutil
+
+    from sae_pipeline.capture import save_activations
+    from sae_pipeline.evaluate import eval_texts, evaluate_sae, make_batches
+    from sae_pipeline.settings import CaptureSettings, TrainSettings
+    from sae_pipeline.store import ActivationRun, Store
+    from sae_pipeline.train import train_sae
+    from tests.helpers import SAMPLE
+
+    store = Store(tmp_path / "store")
+    for run_id, layer in (("acts", 2), ("acts_l1", 1)):
+        settings = CaptureSettings(
+            model_id=str(trained_tiny_model),
+            hf_dataset=str(SAMPLE),
+            data_limit=120,
+            max_length=32,
+            store_dir=store.root,
+            device="cpu",
+            layer_num=layer,
+        )
+        save_activations(settings, run_id=run_id)
+    run, other = ActivationRun(store, "acts"), ActivationRun(store, "acts_l1")
+    (spec,) = ActivationRun.layer_specs(other.read_meta())
+    for index in run.completed_shards():
+        shutil.copytree(other.shard_dir(index) / spec.signature, run.shard_dir(index) / spec.signature)
+    meta = run.read_meta()
+    meta["layers"] = [spec.to_json(), *meta["layers"]]
+    meta["layer_signatures"] = [spec.signature, *meta["layer_signatures"]]
+    run.write_meta(meta)
+    train = TrainSettings(
+        store_dir=store.root, device="cpu", top_k=4, seed=(1, 2), epochs=1, batch_size_train=256, n_latents_multiplier=2
+    )
+    train_sae(train, "acts", "two")  # LAYER_NUM unset: every layer of the run
+
+    out, forwards = _count_model_forwards(lambda: evaluate_sae(_eval_settings(store.root), "two"))
+    report = json.loads((out / "sweep.json").read_text())
+    assert [m["layer_num"] for m in report["members"]] == [1, 1, 2, 2]
+    assert len(report["references"]) == 2 and len(report["groups"]) == 2
+    tokenizer = load_language_model(str(trained_tiny_model), store.root, CPU, torch.float32).tokenizer
+    n_batches = len(make_batches(tokenizer, eval_texts(_eval_settings(store.root), meta)[0], 32, 8, False))
+    assert forwards == 2 * (1 + n_batches * (3 + 2))
