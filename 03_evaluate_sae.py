@@ -1,4 +1,4 @@
-"""Step 3: evaluate a trained SAE: CE-loss recovered with the SAE spliced in, reconstruction, feature browser.
+"""Step 3: evaluate a trained SAE, or every SAE of a sweep: CE-loss recovered, reconstruction, feature browser.
 
 Configured by environment variables; see README.md. The logic lives in the sae_pipeline package.
 """

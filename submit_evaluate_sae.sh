@@ -10,12 +10,14 @@
 #SBATCH --gres=gpu:1
 #SBATCH --open-mode=append
 #
-# Step 3 on SLURM: evaluate a trained SAE (03_evaluate_sae.py): CE-loss recovered with the SAE spliced in,
-# reconstruction on held-out documents, firing-frequency histogram and the HTML feature browser, all written to
-# $STORE_DIR/runs/<sae run>/evaluation/.
+# Step 3 on SLURM: evaluate a trained SAE, or every SAE of a sweep (03_evaluate_sae.py): CE-loss recovered with
+# the SAE spliced in, reconstruction on held-out documents, firing-frequency histogram and the HTML feature browser,
+# all written to $STORE_DIR/runs/<sae run>/evaluation/; for a sweep also evaluation/sweep.json and
+# evaluation/frontier.png in the sweep's folder (the clean and ablated passes run once per layer).
 #
-#   sbatch submit_evaluate_sae.sh                               # the SAE named in $STORE_DIR/sae_run_id.txt
+#   sbatch submit_evaluate_sae.sh                               # the SAE or sweep in $STORE_DIR/sae_run_id.txt
 #   SAE_RUN_ID=sae_x EVAL_LIMIT=500 sbatch submit_evaluate_sae.sh
+#   SAE_RUN_ID=<sweep id> sbatch submit_evaluate_sae.sh         # every SAE of the sweep, one report
 #   sbatch --dependency=afterok:<training job> submit_evaluate_sae.sh
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). Evaluation writes its
@@ -39,5 +41,5 @@ export DEVICE
 sae_load_modules
 sae_setup_python
 sae_default_store
-sae_log "store: $STORE_DIR, SAE run: ${SAE_RUN_ID:-from $STORE_DIR/sae_run_id.txt}"
+sae_log "store: $STORE_DIR, SAE run or sweep: ${SAE_RUN_ID:-from $STORE_DIR/sae_run_id.txt}"
 sae_run_step "step 3 (evaluate SAE)" 03_evaluate_sae.py   # reads SAE_RUN_ID itself when it is set

@@ -141,10 +141,12 @@ def discover_layers_main(argv: list[str] | None = None) -> None:
 
 def evaluate_sae_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Step 3: evaluate a trained SAE (CE-loss recovered, reconstruction, feature browser)."
+        description="Step 3: evaluate a trained SAE, or every SAE of a sweep (CE-loss recovered, reconstruction, "
+        "feature browser; a sweep's frontier report)."
     )
     parser.add_argument(
-        "--sae_run_id", help="training run to evaluate (default: SAE_RUN_ID, else the one in STORE_DIR/sae_run_id.txt)"
+        "--sae_run_id",
+        help="training run or sweep to evaluate (default: SAE_RUN_ID, else the one in STORE_DIR/sae_run_id.txt)",
     )
     args = parser.parse_args(argv)
 

@@ -1,5 +1,5 @@
-"""The PNGs: training curves (loss and FVU, L0, dead fraction against tokens seen), a sweep's sparsity/reconstruction
-frontier and the latents' firing-frequency histogram, drawn headless with Agg."""
+"""The PNGs: training curves (loss and FVU, L0, dead fraction against tokens seen), a sweep's frontier (L0 against
+FVU, and against CE-loss recovered once evaluated) and the latents' firing-frequency histogram, drawn headless."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from sae_pipeline.store import atomic_path  # noqa: E402
 
@@ -42,24 +43,51 @@ def plot_training_curves(history: dict[str, Any], path: Path, title: str = "") -
     return save_figure(fig, path)
 
 
-def plot_sweep_frontier(members: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Held-out FVU against L0 for every SAE of a sweep, one line per (layer, expansion, architecture) through its
-    k values, seeds as separate points: the trade-off the sweep measured."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+FVU_PANEL = ("fvu", "held-out FVU")
+CE_PANEL = ("ce_loss_recovered", "CE-loss recovered")
+
+
+def plot_sweep_frontier(
+    groups: list[dict[str, Any]], path: Path, title: str = "", panels: tuple[tuple[str, str], ...] = (FVU_PANEL,)
+) -> Path:
+    """L0 against each panel's metric (training: held-out FVU; step 3: FVU and CE-loss recovered), one line per
+    (layer, expansion, architecture; LR when the sweep has several) through its k values; each point a group of
+    seeds (``sweep.seed_groups``), its mean with ± one standard deviation as error bars."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
     series: dict[str, list[dict[str, Any]]] = {}
-    for m in members:
-        layer = f"L{m['layer_num']}" if m.get("layer_num") is not None else m["layer_signature"]
-        series.setdefault(f"{layer} x{m['n_latents_multiplier']} {m['architecture']}", []).append(m)
-    for label, points in series.items():
-        points.sort(key=lambda m: (m["top_k"], m["seed"]))
-        ax.plot([m["holdout"]["l0"] for m in points], [m["holdout"]["fvu"] for m in points], "o-", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("held-out L0 (active latents per token)")
-    ax.set_ylabel("held-out FVU")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    several_lr = len({g["lr"] for g in groups}) > 1
+    for g in groups:
+        layer = f"L{g['layer_num']}" if g.get("layer_num") is not None else g["layer_signature"]
+        label = f"{layer} x{g['n_latents_multiplier']} {g['architecture']}" + (f" lr {g['lr']:g}" if several_lr else "")
+        series.setdefault(label, []).append(g)
+    for ax, (metric, name) in zip(axes[0], panels):
+        drawn: list[float] = []
+        for label, points in series.items():
+            points = sorted((p for p in points if p[metric]["mean"] is not None), key=lambda p: p["top_k"])
+            if points:
+                drawn += [p["l0"]["mean"] for p in points]
+                ax.errorbar(
+                    [p["l0"]["mean"] for p in points],
+                    [p[metric]["mean"] for p in points],
+                    xerr=[p["l0"]["std"] or 0.0 for p in points],
+                    yerr=[p[metric]["std"] or 0.0 for p in points],
+                    fmt="o-",
+                    capsize=3,
+                    label=label,
+                )
+        if drawn:
+            ax.legend(fontsize=8)
+        else:  # e.g. CE-loss recovered where the ablation gap is noise: say so instead of an empty frame
+            ax.text(0.5, 0.5, f"{name}: none measurable", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xscale("log")
+        if drawn:  # plain numbers at the measured L0s, not powers of ten
+            ax.set_xticks(sorted(set(drawn)), [f"{x:.3g}" for x in sorted(set(drawn))])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("L0 (active latents per token; mean ± std over seeds)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
 

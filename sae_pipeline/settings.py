@@ -284,7 +284,8 @@ class EvalSettings(CommonSettings):
     sae_run_id: str | None = Field(
         None,
         min_length=1,
-        description="training run to evaluate (same as --sae_run_id; default: the one in STORE_DIR/sae_run_id.txt)",
+        description="training run or sweep to evaluate (same as --sae_run_id; default: the one in "
+        "STORE_DIR/sae_run_id.txt)",
     )
     eval_limit: int = Field(
         200,

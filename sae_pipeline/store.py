@@ -565,13 +565,21 @@ class CheckpointCommit:
 
 
 class Sweep:
-    """A sweep's folder, ``runs/<sweep_id>/``: ``sweep.json`` (kind "sweep": the grid, the data seed, every member's
-    id and values, the status; once complete, every member's held-out metrics), ``frontier.png`` once complete,
-    and while training the commit file(s) of the processes training it (``checkpoint.json``; in a SLURM array,
-    ``checkpoint.task<t>of<T>.json``). Each member is an ordinary ``TrainingRun`` in
-    ``runs/<sweep_id>.<member suffix>/``, evaluable on its own.
+    """A sweep's folder, ``runs/<sweep_id>/``::
 
-    Readers (step 3): ``training_runs(store, id)`` gives the members of a sweep id, or the run itself.
+    sweep.json                  kind "sweep": the grid, the data seed, every member's id and values, the status;
+                                once complete, every member's held-out metrics from training
+    frontier.png                once complete: held-out FVU against L0 (training's)
+    checkpoint.json             while training, the commit file of the process training it (in a SLURM array,
+                                ``checkpoint.task<t>of<T>.json``, one per task)
+    evaluation/sweep.json       step 3's report, kind "sweep_evaluation": per member L0, FVU, CE-loss recovered
+                                (null with the reason when the ablation gap is noise), KL; per group of seeds the
+                                mean and standard deviation; the shared clean/ablated references; time per stage
+    evaluation/frontier.png     step 3's frontier: L0 against FVU and against CE-loss recovered
+
+    Each member is an ordinary ``TrainingRun`` in ``runs/<sweep_id>.<member suffix>/``, evaluable on its own (its
+    ``evaluation/metrics.json`` and feature browser). Readers (step 3): ``training_runs(store, id)`` gives the
+    members of a sweep id, or the run itself.
     """
 
     def __init__(self, store: Store, sweep_id: str):
@@ -586,6 +594,14 @@ class Sweep:
     def frontier_path(self) -> Path:
         """Held-out FVU against L0 of every member (plots.plot_sweep_frontier), once the sweep is complete."""
         return self.dir / "frontier.png"
+
+    @property
+    def evaluation_path(self) -> Path:
+        return self.dir / "evaluation" / SWEEP_FILE
+
+    @property
+    def evaluation_frontier_path(self) -> Path:
+        return self.dir / "evaluation" / "frontier.png"
 
     def exists(self) -> bool:
         return self.path.is_file()

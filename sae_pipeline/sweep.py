@@ -20,6 +20,7 @@ anything is written; a sweep that does not fit is refused with the number of arr
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,31 @@ def member_ids(sae_run_id: str, grid: list[SaeSpec], settings: TrainSettings) ->
             suffix += f".lr{spec.lr:g}"
         ids.append(validate_run_id(f"{sae_run_id}.{suffix}", "--sae_run_id (with the sweep's member suffix)"))
     return ids
+
+
+SEED_GROUP_KEYS = ("layer_signature", "layer_num", "n_latents_multiplier", "architecture", "lr", "top_k")
+
+
+def seed_groups(members: list[dict[str, Any]], metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The members that differ only in SEED, in grid order, with each metric's mean and sample standard deviation over
+    the seeds (``{"mean", "std"}``; std null with one seed; a metric null for any seed is null for the group, since a
+    mean over the seeds that have one would mislead)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for m in members:
+        groups.setdefault(tuple(m.get(k) for k in SEED_GROUP_KEYS), []).append(m)
+    out = []
+    for key, group in groups.items():
+        entry: dict[str, Any] = dict(zip(SEED_GROUP_KEYS, key))
+        entry |= {"seeds": [m.get("seed") for m in group], "n_seeds": len(group)}
+        for name in metrics:
+            values = [m.get(name) for m in group]
+            if None in values:
+                entry[name] = {"mean": None, "std": None}
+            else:
+                std = statistics.stdev(values) if len(values) > 1 else None
+                entry[name] = {"mean": statistics.fmean(values), "std": std}
+        out.append(entry)
+    return out
 
 
 def task_share(n_members: int, task_id: int, task_count: int) -> list[int]:
@@ -319,7 +345,8 @@ class SweepPlan:
             record = self.sweep_record("complete")
             for entry, run in zip(record["members"], members):
                 entry["holdout"] = run.read_meta()["final_metrics"]["holdout"]
-            plot_sweep_frontier(record["members"], sweep.frontier_path, title=f"sweep {self.sweep_id}")
+            groups = seed_groups([{**m, **m["holdout"]} for m in record["members"]], ("l0", "fvu"))
+            plot_sweep_frontier(groups, sweep.frontier_path, title=f"sweep {self.sweep_id}")
             sweep.write(record)
         self.store.write_pointer(self.sweep_id, SAE_RUN_ID_FILE)
         return True

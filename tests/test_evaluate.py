@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -43,7 +44,7 @@ def identity_sae(d: int) -> PipelineSae:
 
 def run(lm, engine, batches, side="output", mean=None, conditions=CONDITIONS, stats=None):
     splice = make_splice(SIG, side, engine, mean)
-    splice.stats = stats
+    splice.stats = {"sae": stats} if stats is not None else {}
     lm.layers.register_hook(SIG, splice)
     try:
         return downstream(lm.model, splice, batches, CPU, conditions)
@@ -197,3 +198,185 @@ def test_eval_dataset_overrides_and_an_exhausted_dataset_is_an_error(tmp_path):
     assert texts == ["Zażółć gęślą jaźń.", "Druga linia."] and source["dataset"] == str(own)
     with pytest.raises(PipelineError, match="EVAL_DATASET"):
         eval_texts(EvalSettings(), _act_meta(10_000))
+
+
+# -- sweeps: a sweep of 4 SAEs captured and trained in process, evaluated with every forward counted ----------------
+@pytest.fixture(scope="module")
+def sweep_store(trained_tiny_model, tmp_path_factory):
+    """Step 1 and step 2 (TOP_K=4,8 SEED=1,2 at block 2) in process on the trained tiny Llama; sweep id "sw"."""
+    from sae_pipeline.capture import save_activations
+    from sae_pipeline.settings import CaptureSettings, TrainSettings
+    from sae_pipeline.train import train_sae
+    from tests.helpers import SAMPLE
+
+    store = tmp_path_factory.mktemp("eval_sweep") / "store"
+    common = dict(store_dir=store, device="cpu", layer_num=2)
+    capture = CaptureSettings(
+        model_id=str(trained_tiny_model), hf_dataset=str(SAMPLE), data_limit=120, max_length=32, **common
+    )
+    save_activations(capture, run_id="acts")
+    train = TrainSettings(top_k=(4, 8), seed=(1, 2), epochs=1, batch_size_train=256, n_latents_multiplier=2, **common)
+    train_sae(train, "acts", "sw")
+    return store
+
+
+def _eval_settings(store, **kw):
+    from sae_pipeline.settings import EvalSettings
+
+    base = dict(store_dir=store, device="cpu", eval_limit=20, batch_size_eval=8, eval_scan_tokens=1500)
+    return EvalSettings(**{**base, "browser_latents": 4, **kw})
+
+
+def _count_model_forwards(fn):
+    """(fn's result, how many full forwards of the language model ran): a global torch forward hook counts every
+    call of a ``*ForCausalLM`` module, whoever makes it."""
+    calls = []
+
+    def hook(module, args, output):
+        if type(module).__name__.endswith("ForCausalLM"):
+            calls.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        return fn(), len(calls)
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def evaluated_sweep(sweep_store):
+    from sae_pipeline.evaluate import evaluate_sae
+
+    out, forwards = _count_model_forwards(lambda: evaluate_sae(_eval_settings(sweep_store)))  # sae_run_id.txt
+    return sweep_store, out, forwards
+
+
+def test_a_sweep_shares_the_clean_and_ablated_passes(evaluated_sweep):
+    """4 SAEs at one layer: per batch one clean, one zero- and one mean-ablated forward and one per SAE (7, not
+    4 x 4 = 16), plus one short forward that checks the layer's width."""
+    from sae_pipeline.evaluate import eval_texts, make_batches
+    from sae_pipeline.store import ActivationRun, Store
+
+    store, out, forwards = evaluated_sweep
+    assert out == store / "runs" / "sw" / "evaluation"
+    lm_tokenizer = load_language_model(
+        json.loads((store / "runs" / "acts" / "meta.json").read_text())["model_id"], store, CPU, torch.float32
+    ).tokenizer
+    act_meta = ActivationRun(Store(store), "acts").read_meta()
+    texts, _ = eval_texts(_eval_settings(store), act_meta)
+    n_batches = len(make_batches(lm_tokenizer, texts, 32, 8, False))
+    assert n_batches >= 2
+    assert forwards == 1 + n_batches * (3 + 4)
+
+
+def test_the_sweep_report_lists_every_sae_and_each_group_of_seeds(evaluated_sweep):
+    import statistics
+
+    store, out, _ = evaluated_sweep
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["kind"] == "sweep_evaluation" and report["sweep_id"] == "sw"
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    members = report["members"]
+    assert [(m["top_k"], m["seed"]) for m in members] == [(4, 1), (4, 2), (8, 1), (8, 2)]
+    for m in members:  # each SAE's numbers are those of its own metrics.json
+        own = json.loads((store / "runs" / m["sae_run_id"] / "evaluation" / "metrics.json").read_text())
+        d, r = own["downstream"], own["reconstruction"]["eval_texts"]
+        assert own["sweep_id"] == "sw" and own["timing"] == report["timing"]
+        assert (m["l0"], m["fvu"], m["kl"]) == (r["l0"], r["fvu"], d["kl_sae"])
+        assert (m["ce_loss_recovered"], m["ce_loss_recovered_reason"]) == (
+            d["ce_loss_recovered"],
+            d["ce_loss_recovered_reason"],
+        )
+        assert d["ce_clean"] == report["references"][m["layer_signature"]]["ce_clean"]  # one clean pass for all
+        assert m["l0"] == pytest.approx(m["top_k"])
+    groups = report["groups"]
+    assert [(g["top_k"], g["seeds"], g["n_seeds"]) for g in groups] == [(4, [1, 2], 2), (8, [1, 2], 2)]
+    for g, pair in zip(groups, (members[:2], members[2:])):
+        for key in ("l0", "fvu", "kl", "ce_loss_recovered"):
+            values = [m[key] for m in pair]
+            if None in values:
+                assert g[key] == {"mean": None, "std": None}
+            else:
+                assert g[key]["mean"] == pytest.approx(statistics.fmean(values))
+                assert g[key]["std"] == pytest.approx(statistics.stdev(values))
+    assert groups[1]["fvu"]["mean"] < groups[0]["fvu"]["mean"]  # more latents per token reconstruct better
+    timing = report["timing"]
+    assert list(timing["stages_s"]) == ["load", "scan", "clean", "ablate", "splice", "holdout", "browser"]
+    assert timing["stages_s"]["splice"] > 0 and timing["stages_s"]["clean"] > 0
+
+
+def test_an_incomplete_sweep_is_refused_in_one_line(sweep_store, tmp_path):
+    import shutil
+
+    from sae_pipeline.errors import PipelineError
+    from sae_pipeline.evaluate import evaluate_sae
+
+    store = tmp_path / "store"
+    shutil.copytree(sweep_store, store)
+    (store / "runs" / "sw.L2.k8.x2.topk.s2" / "model.pt").unlink()
+    before = sorted(p for p in store.rglob("*"))
+    with pytest.raises(PipelineError) as err:
+        evaluate_sae(_eval_settings(store), "sw")
+    message = str(err.value)
+    assert "'sw' is incomplete" in message and "sw.L2.k8.x2.topk.s2" in message
+    assert "sw.L2.k4" not in message  # only the missing member is named
+    assert "02_train_sae.py --sae_run_id sw" in message and "\n" not in message
+    assert sorted(p for p in store.rglob("*")) == before  # nothing removed or written
+
+
+def test_a_failed_reevaluation_leaves_no_stale_metrics(evaluated_sweep, tmp_path):
+    """An earlier evaluation's metrics.json and sweep report are removed before the new one is computed: when it then
+    fails (here: an activation shard became unreadable), none of them can pass for the new result."""
+    import shutil
+
+    from sae_pipeline.errors import PipelineError
+    from sae_pipeline.evaluate import evaluate_sae
+
+    store = tmp_path / "store"
+    shutil.copytree(evaluated_sweep[0], store)
+    members = [p for p in (store / "runs").glob("sw.*")]
+    assert all((m / "evaluation" / "metrics.json").is_file() for m in members) and len(members) == 4
+    shard = next((store / "runs" / "acts" / "batch_0").glob("*/activations.safetensors"))
+    shard.write_bytes(b"not a safetensors file")
+    with pytest.raises(PipelineError, match="cannot be read"):
+        evaluate_sae(_eval_settings(store), "sw")
+    assert not any((m / "evaluation" / "metrics.json").exists() for m in members)
+    assert not (store / "runs" / "sw" / "evaluation" / "sweep.json").exists()
+    assert not (store / "runs" / "sw" / "evaluation" / "frontier.png").exists()
+    assert (members[0] / "evaluation" / "feature_browser.html").is_file()  # the rest is left; metrics.json says done
+
+
+def test_two_layers_each_get_their_own_shared_passes(trained_tiny_model, tmp_path):
+    """A sweep over two layers (2 SAEs each): per batch, per layer, 3 shared forwards and one per SAE of that layer,
+    plus one width probe per layer. The activation run is one real capture of both layers (blocks 1 and 2)."""
+    from sae_pipeline.capture import save_activations
+    from sae_pipeline.evaluate import eval_texts, evaluate_sae, make_batches
+    from sae_pipeline.settings import CaptureSettings, TrainSettings
+    from sae_pipeline.store import ActivationRun, Store
+    from sae_pipeline.train import train_sae
+    from tests.helpers import SAMPLE
+
+    store = Store(tmp_path / "store")
+    settings = CaptureSettings(
+        model_id=str(trained_tiny_model),
+        hf_dataset=str(SAMPLE),
+        data_limit=120,
+        max_length=32,
+        store_dir=store.root,
+        device="cpu",
+        layer_num=(1, 2),
+    )
+    save_activations(settings, run_id="acts")
+    meta = ActivationRun(store, "acts").read_meta()
+    train = TrainSettings(
+        store_dir=store.root, device="cpu", top_k=4, seed=(1, 2), epochs=1, batch_size_train=256, n_latents_multiplier=2
+    )
+    train_sae(train, "acts", "two")  # LAYER_NUM unset: every layer of the run
+
+    out, forwards = _count_model_forwards(lambda: evaluate_sae(_eval_settings(store.root), "two"))
+    report = json.loads((out / "sweep.json").read_text())
+    assert [m["layer_num"] for m in report["members"]] == [1, 1, 2, 2]
+    assert len(report["references"]) == 2 and len(report["groups"]) == 2
+    tokenizer = load_language_model(str(trained_tiny_model), store.root, CPU, torch.float32).tokenizer
+    n_batches = len(make_batches(tokenizer, eval_texts(_eval_settings(store.root), meta)[0], 32, 8, False))
+    assert forwards == 2 * (1 + n_batches * (3 + 2))

@@ -7,7 +7,16 @@ import pytest
 from sae_pipeline.errors import PipelineError
 from sae_pipeline.settings import TrainSettings
 from sae_pipeline.store import LayerSpec
-from sae_pipeline.sweep import GIB, MemoryEstimate, SaeSpec, build_grid, member_ids, select_layers, task_share
+from sae_pipeline.sweep import (
+    GIB,
+    MemoryEstimate,
+    SaeSpec,
+    build_grid,
+    member_ids,
+    seed_groups,
+    select_layers,
+    task_share,
+)
 
 L8 = LayerSpec("llamaforcausallm_model_layers_8_post_attention_layernorm", 64, "model.layers.8.x", 8)
 L16 = LayerSpec("llamaforcausallm_model_layers_16_post_attention_layernorm", 64, "model.layers.16.x", 16)
@@ -86,3 +95,24 @@ def test_memory_estimate_fits_or_says_how_many_array_tasks_would():
         _estimate(1).check(one.batch, 64 * GIB, "cuda:0", 1)
     with pytest.raises(PipelineError, match=r"on the host .* lower BATCH_SIZE_TRAIN"):  # loader buffers
         _estimate(1).check(10 * one.device, GIB, "cuda:0", 1)
+
+
+def test_seed_groups_average_over_seeds_only():
+    """Members differing only in SEED form a group (mean, sample std); a null for any seed makes the group null;
+    a single seed has no std; other values (k, layer) separate groups, in grid order."""
+    base = dict(layer_signature="L", layer_num=2, n_latents_multiplier=4, architecture="topk", lr=1e-3)
+    members = [
+        {**base, "top_k": 8, "seed": 1, "fvu": 0.2, "ce": 0.9},
+        {**base, "top_k": 8, "seed": 2, "fvu": 0.4, "ce": None},
+        {**base, "top_k": 16, "seed": 1, "fvu": 0.1, "ce": 0.95},
+        {**base, "top_k": 8, "seed": 3, "fvu": 0.3, "ce": 0.8, "layer_num": 5, "layer_signature": "M"},
+    ]
+    groups = seed_groups(members, ("fvu", "ce"))
+    assert [(g["top_k"], g["layer_num"], g["seeds"], g["n_seeds"]) for g in groups] == [
+        (8, 2, [1, 2], 2),
+        (16, 2, [1], 1),
+        (8, 5, [3], 1),
+    ]
+    assert groups[0]["fvu"]["mean"] == pytest.approx(0.3) and groups[0]["fvu"]["std"] == pytest.approx(0.1414, 1e-3)
+    assert groups[0]["ce"] == {"mean": None, "std": None}
+    assert groups[1]["fvu"] == {"mean": 0.1, "std": None} and groups[1]["ce"]["mean"] == 0.95

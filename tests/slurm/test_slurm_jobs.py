@@ -328,10 +328,11 @@ def test_sweep_split_over_an_array(slurm_cluster, tiny_model, job_dir, tmp_path,
 
 
 def test_pipeline_with_a_sweep_array(slurm_cluster, tiny_model, job_dir, tmp_path, reference):
-    """submit_pipeline.sh with TOP_K=4,8 and training as a 2-task array: capture, then both training tasks
-    (afterok on capture), then evaluation after the whole training array, all under one run id and sweep id."""
+    """submit_pipeline.sh with LAYER_NUM=1,2 and TOP_K=4,8, training as a 2-task array: one capture of both layers,
+    then both training tasks (afterok on capture), then evaluation of the whole sweep after the whole training array,
+    all under one run id and sweep id: it ends with the sweep's evaluation report and frontier."""
     store = tmp_path / "store"
-    env = base_env(tiny_model, store, TOP_K="4,8", EPOCHS="1")
+    env = base_env(tiny_model, store, LAYER_NUM="1,2", TOP_K="4,8", EPOCHS="1")
     ids = submit_pipeline(slurm_cluster, ["--", "--array=0-1"], job_dir, env)
     cap, train, evaluation = ids["capture_job"], ids["train_job"], ids["eval_job"]
     assert slurm_cluster.job(evaluation)[0].raw["Dependency"].startswith(f"afterok:{train}")
@@ -341,10 +342,20 @@ def test_pipeline_with_a_sweep_array(slurm_cluster, tiny_model, job_dir, tmp_pat
     assert sorted(tasks) == [f"{train}_0", f"{train}_1"]
     assert min(t.raw["StartTime"] for t in tasks.values()) >= final[cap].raw["EndTime"]
     sweep_id = ids["sae_run_id"]
-    assert _trained_in(logs(job_dir, f"sae_train_{train}_0.out"), sweep_id) == ["L2.k4.x2.topk.s42"]
-    assert _trained_in(logs(job_dir, f"sae_train_{train}_1.out"), sweep_id) == ["L2.k8.x2.topk.s42"]
+    shares = [_trained_in(logs(job_dir, f"sae_train_{train}_{t}.out"), sweep_id) for t in (0, 1)]
+    assert [len(share) for share in shares] == [2, 2]  # each task trains its half of the grid
+    assert sorted(shares[0] + shares[1]) == [f"L{layer}.k{k}.x2.topk.s42" for layer in (1, 2) for k in (4, 8)]
     sweep = json.loads((store / "runs" / sweep_id / "sweep.json").read_text())
     assert sweep["status"] == "complete" and sweep["activation_run_id"] == ids["run_id"]
     assert (store / "sae_run_id.txt").read_text().strip() == sweep_id
-    scheduled = slurm_cluster.wait(evaluation, timeout=300)[evaluation]
-    assert scheduled.raw["StartTime"] >= max(t.raw["EndTime"] for t in tasks.values())
+    evaluated = slurm_cluster.wait(evaluation, timeout=300)
+    assert_completed(slurm_cluster, evaluated, job_dir)
+    assert evaluated[evaluation].raw["StartTime"] >= max(t.raw["EndTime"] for t in tasks.values())
+    # the evaluation job got the sweep's id: one report of both SAEs, the frontier, each SAE's own metrics
+    report = json.loads((store / "runs" / sweep_id / "evaluation" / "sweep.json").read_text())
+    assert report["sweep_id"] == sweep_id
+    assert [(m["layer_num"], m["top_k"]) for m in report["members"]] == [(1, 4), (1, 8), (2, 4), (2, 8)]
+    assert (store / "runs" / sweep_id / "evaluation" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    for member in report["members"]:
+        assert (store / "runs" / member["sae_run_id"] / "evaluation" / "metrics.json").is_file()
+    assert f"Evaluated sweep {sweep_id}: 4 SAEs at 2 layer(s)" in logs(job_dir, f"sae_eval_{evaluation}.out")
