@@ -5,8 +5,10 @@
 
 Queues are bounded, so a fast stage waits for a slow one instead of piling up memory. An exception in a stage is
 re-raised, as the same exception object, in the thread that next hands it an item or waits for it; a stage that
-failed or was cancelled drains its queue, so nothing blocks for ever. Threads are daemons: a process that exits
-(an error, Ctrl-C) does not wait for them beyond ``cancel``.
+failed or was cancelled drains its queue, so nothing blocks for ever. A stage's own thread waits without a timeout
+(``cancel`` wakes it): a thread that woke up ten times a second would take a core from a CPU forward whose threads
+wait for each other. Threads are daemons: a process that exits (an error, Ctrl-C) does not wait for them beyond
+``cancel``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
-_POLL_S = 0.1  # how often a blocked hand-over checks whether the other side failed
+_POLL_S = 0.1  # how often the calling thread, while it waits for a stage, checks whether the stage failed
 _CANCEL_WAIT_S = 60.0  # a cancelled stage gets this long to finish its current item (e.g. a shard being written)
 
 
@@ -55,8 +57,15 @@ class _Stage:
     def cancel(self) -> None:
         """Stop after the current item and drop the rest; waits (bounded) for the thread to end."""
         self._cancelled.set()
+        deadline = time.monotonic() + _CANCEL_WAIT_S
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._drain()  # a producer blocked on a full queue gets room, and sees the flag
+            self._wake()
+            self._thread.join(_POLL_S)
         self._drain()
-        self._thread.join(_CANCEL_WAIT_S)
+
+    def _wake(self) -> None:
+        """Wake the stage's thread if it waits for an item (a worker)."""
 
 
 class Producer(_Stage, Generic[T]):
@@ -74,13 +83,10 @@ class Producer(_Stage, Generic[T]):
         self._offer(_DONE)
 
     def _offer(self, item: Any) -> bool:
-        while not self._cancelled.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                pass
-        return False
+        if self._cancelled.is_set():
+            return False
+        self._queue.put(item)
+        return not self._cancelled.is_set()
 
     def get(self) -> tuple[T | None, float]:
         """The next item (None after the last) and the seconds spent waiting for it."""
@@ -105,12 +111,15 @@ class Worker(_Stage, Generic[T]):
         self._work = work
         self._thread.start()
 
+    def _wake(self) -> None:
+        try:
+            self._queue.put_nowait(_DONE)  # an idle worker wakes up, and sees the flag
+        except queue.Full:
+            pass
+
     def _run(self) -> None:
         while not self._cancelled.is_set():
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
+            item = self._queue.get()
             if item is _DONE or self._cancelled.is_set():
                 return
             self._work(item)
