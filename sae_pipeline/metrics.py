@@ -1,8 +1,8 @@
-"""SAE quality metrics, one definition each, shared by training (issue 3) and evaluation (issue 5).
+"""SAE quality metrics, one definition each, shared by training and evaluation.
 
-* FVU (fraction of variance unexplained) = Σ‖x − x̂‖² / Σ‖x − mean x‖², the mean taken per dimension over the
-  tokens measured. 1 − FVU is the explained variance. (overcomplete's printed "R2" uses one global scalar mean
-  and overstates quality whenever dimension means differ, as they do in LLM activations.)
+* FVU (fraction of variance unexplained) = Σ‖x − x̂‖² / Σ‖x − mean x‖², the mean taken per dimension
+  over the tokens measured. 1 − FVU is the explained variance. (overcomplete's printed "R2" uses one global
+  scalar mean and overstates quality whenever dimension means differ, as they do in LLM activations.)
 * MSE = mean over tokens and dimensions of (x − x̂)².
 * L0 = mean number of non-zero codes per token.
 * dead fraction = share of latents that did not fire in the last ``window`` training tokens.

@@ -17,9 +17,10 @@ Read top to bottom, ``train_sae``:
 ``Trainer.step`` (one SAE, one batch): loss = FVU of the batch + AUXK_ALPHA x AuxK + L1_LAMBDA x mean|z|; Adam with
 linear warm-up and final linear decay; the decoder-norm-changing part of its gradient removed, gradient clipping,
 unit-norm decoder after every step; autocast on CUDA. AuxK (Gao et al. 2024): e = (x − x̂) detached;
-ê = W_dec · TopK_{k_aux}(pre-activations of dead latents), without b_dec; loss = Σ‖e − ê‖² / Σ‖e − mean e‖² x
-min(n_dead / k_aux, 1), k_aux = d_in / 2. A latent is dead when it has not fired in the last DEAD_TOKENS_WINDOW
-training tokens, a window capped at a tenth of the run's training tokens so that short runs get one too.
+ê = W_dec · TopK_{k_aux}(pre-activations of dead latents), without b_dec;
+loss = Σ‖e − ê‖² / Σ‖e − mean e‖² x min(n_dead / k_aux, 1), k_aux = d_in / 2. A latent is dead when it
+has not fired in the last DEAD_TOKENS_WINDOW training tokens, a window capped at a tenth of the run's training
+tokens so that short runs get one too.
 
 Exact resume. A checkpoint holds everything a step depends on (weights, Adam, schedule, scaler, dead-latent
 counters, pending metrics, history) and the loader's position is a pure function of (run, DATA_SEED, epoch, step),

@@ -67,12 +67,12 @@ def test_train_defaults_are_the_seeds(clean_env):
     for name, value in SEED_DEFAULTS_TRAIN.items():
         assert getattr(s, name) == value, name
     assert s.store_dir == Path("./store")
-    # BATCH_SIZE_TRAIN may differ from the seed's 32 (issue 3 allows a measured better default)
+    # BATCH_SIZE_TRAIN may differ from the seed's 32 (a measured better default, documented)
     assert isinstance(s.batch_size_train, int) and s.batch_size_train >= 1
 
 
 def test_lr_default_is_sane(clean_env):
-    """The seed's LR is 1e-3; settings.py now defaults to a value chosen by the training benchmark (issue 3 allows a
+    """The seed's LR is 1e-3; settings.py now defaults to a value chosen by the training benchmark (a
     measured default), so only a sane Adam range is pinned here."""
     (lr,) = load_settings(TrainSettings).lr
     assert isinstance(lr, float) and 1e-5 <= lr <= 1e-2
@@ -107,7 +107,7 @@ def test_every_seed_variable_exists():
     }
     have = {n.upper() for n in _fields(CaptureSettings, TrainSettings)}
     assert seed_vars <= have, seed_vars - have
-    # beyond the seed, as issue 2 asks
+    # beyond the seed
     assert {"LAYER_SIGNATURE", "SEED", "STORE_DTYPE"} <= have
     # the variables every step shares are defined once, in CommonSettings
     for name in ("model_id", "store_dir", "device", "layer_num", "layer_signature", "seed"):
