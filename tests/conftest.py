@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from sae_pipeline import smollm2
 from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from tests import helpers
 from tests.helpers import SAMPLE
 
 
@@ -28,26 +28,4 @@ def smollm2_model(tmp_path_factory) -> Path:
 @pytest.fixture
 def pipeline_env(tiny_model, tmp_path) -> dict[str, str]:
     """Environment of a small, fast, offline run: what a user would export, pointing at the tiny model."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "WANDB_"))}
-    for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
-        env.pop(name, None)
-    env.update(
-        MODEL_ID=str(tiny_model),
-        HF_DATASET=str(SAMPLE),
-        STORE_DIR=str(tmp_path / "store"),
-        DEVICE="cpu",
-        DATA_LIMIT="120",
-        MAX_LENGTH="32",
-        BATCH_SIZE_SAVE="8",
-        DOCS_PER_SHARD="40",
-        LAYER_NUM="2",
-        EPOCHS="2",
-        BATCH_SIZE_TRAIN="256",
-        N_LATENTS_MULTIPLIER="2",
-        TOP_K="4",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return helpers.pipeline_env(tiny_model, tmp_path / "store")

@@ -108,3 +108,33 @@ def train_env(store: Path, settings: dict[str, str], **overrides: str) -> dict[s
     }
     env.update({"STORE_DIR": str(store), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **settings, **overrides})
     return env
+
+
+def pipeline_env(model: Path, store: Path | None = None, **overrides: str) -> dict[str, str]:
+    """The environment of a small, fast, offline run of the scripts, as a user would export it: this shell's own
+    pipeline variables removed, ``model`` as MODEL_ID, ``store`` as STORE_DIR (when given), then ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "WANDB_", "EVAL_", "BROWSER_"))}
+    for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
+        env.pop(name, None)
+    env.update(
+        MODEL_ID=str(model),
+        HF_DATASET=str(SAMPLE),
+        DEVICE="cpu",
+        DATA_LIMIT="120",
+        MAX_LENGTH="32",
+        BATCH_SIZE_SAVE="8",
+        DOCS_PER_SHARD="40",
+        LAYER_NUM="2",
+        EPOCHS="2",
+        BATCH_SIZE_TRAIN="256",
+        N_LATENTS_MULTIPLIER="2",
+        TOP_K="4",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    if store is not None:
+        env["STORE_DIR"] = str(store)
+    env.update(overrides)
+    return env

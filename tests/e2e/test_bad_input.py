@@ -21,42 +21,16 @@ from pathlib import Path
 import pytest
 
 from sae_pipeline.store import ActivationRun, Store
-from tests.helpers import SAMPLE, run_script
+from tests.helpers import pipeline_env, run_script
 
 STEP1, STEP2 = "01_save_activations.py", "02_train_sae.py"
 SITE2 = "llamaforcausallm_model_layers_2_post_attention_layernorm"
 
 
-def _base_env(tiny_model: Path) -> dict[str, str]:
-    """The conftest's pipeline_env, minus STORE_DIR (set per test); rebuilt here because it is function-scoped."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "WANDB_"))}
-    for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
-        env.pop(name, None)
-    env.update(
-        MODEL_ID=str(tiny_model),
-        HF_DATASET=str(SAMPLE),
-        DEVICE="cpu",
-        DATA_LIMIT="120",
-        MAX_LENGTH="32",
-        BATCH_SIZE_SAVE="8",
-        DOCS_PER_SHARD="40",
-        LAYER_NUM="2",
-        EPOCHS="2",
-        BATCH_SIZE_TRAIN="256",
-        N_LATENTS_MULTIPLIER="2",
-        TOP_K="4",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def golden(tiny_model, tmp_path_factory) -> tuple[dict[str, str], Path]:
     """(env, store): a complete run 'good' from a real capture, plus 'partial', a copy killed after shard 1."""
-    env = _base_env(tiny_model)
+    env = pipeline_env(tiny_model)
     store = tmp_path_factory.mktemp("golden") / "store"
     res = run_script(STEP1, {**env, "STORE_DIR": str(store)}, "--run_id", "good")
     assert res.returncode == 0, res.stderr[-3000:]

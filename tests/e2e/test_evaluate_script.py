@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pytest
 from sae_pipeline.sae import PipelineSae
 from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
 from tests.eval_fixtures import artifacts_dir, chromium, console_errors, run_chromium, trained_tiny_model  # noqa: F401
-from tests.helpers import SAMPLE, run_script
+from tests.helpers import SAMPLE, pipeline_env, run_script
 
 STEP1, STEP2, STEP3 = "01_save_activations.py", "02_train_sae.py", "03_evaluate_sae.py"
 SIG = "llamaforcausallm_model_layers_2_post_attention_layernorm"
@@ -27,30 +26,7 @@ SIG = "llamaforcausallm_model_layers_2_post_attention_layernorm"
 
 def _env(model: Path, store: Path) -> dict[str, str]:
     """The conftest's pipeline_env (function-scoped there), for a module-scoped run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "WANDB_", "EVAL_", "BROWSER_"))}
-    for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
-        env.pop(name, None)
-    env.update(
-        MODEL_ID=str(model),
-        HF_DATASET=str(SAMPLE),
-        STORE_DIR=str(store),
-        DEVICE="cpu",
-        DATA_LIMIT="120",
-        MAX_LENGTH="32",
-        BATCH_SIZE_SAVE="8",
-        DOCS_PER_SHARD="40",
-        LAYER_NUM="2",
-        EPOCHS="2",
-        BATCH_SIZE_TRAIN="256",
-        N_LATENTS_MULTIPLIER="2",
-        TOP_K="4",
-        BROWSER_LATENTS="12",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return pipeline_env(model, store, BROWSER_LATENTS="12")
 
 
 @pytest.fixture(scope="module")

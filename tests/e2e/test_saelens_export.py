@@ -17,8 +17,7 @@ from safetensors.torch import save_file
 from sae_pipeline.export import SAELENS_VERSION
 from sae_pipeline.sae import PipelineSae
 from sae_pipeline.store import ActivationRun, Store
-from tests.e2e.test_bad_input import _base_env  # the conftest's pipeline_env, for a module-scoped fixture
-from tests.helpers import SAMPLE, run_saelens, run_script
+from tests.helpers import SAMPLE, pipeline_env, run_saelens, run_script
 
 SIG = "llamaforcausallm_model_layers_2_post_attention_layernorm"
 SAES = {"sae_topk": "topk", "sae_batchtopk": "batchtopk"}
@@ -27,7 +26,7 @@ SAES = {"sae_topk": "topk", "sae_batchtopk": "batchtopk"}
 @pytest.fixture(scope="module")
 def store(tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("saelens") / "store"
-    env = {**_base_env(tiny_model), "STORE_DIR": str(store)}
+    env = pipeline_env(tiny_model, store)
     res = run_script("01_save_activations.py", env, "--run_id", "acts")
     assert res.returncode == 0, res.stderr[-3000:]
     for sae_run_id, architecture in SAES.items():

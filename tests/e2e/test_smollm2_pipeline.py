@@ -10,14 +10,13 @@ ours on that path (batches padded on the right by the tokenizer itself, no posit
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sae_pipeline.tiny_model import load_sample_texts
-from tests.helpers import SAMPLE, run_script
+from tests.helpers import SAMPLE, pipeline_env, run_script
 
 LAYER = 15  # the middle of 30 blocks; capture stops after it
 DATA_LIMIT, EVAL_LIMIT, MAX_LENGTH = 240, 40, 48
@@ -29,14 +28,9 @@ MIN_RECOVERED = 0.9
 @pytest.fixture(scope="module")
 def pipeline(smollm2_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("smollm2_e2e") / "store"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "WANDB_", "EVAL_", "BROWSER_"))}
-    for name in ("SCRATCH", "RUN_ID", "LAYER_SIGNATURE", "CAPTURE_TASK_ID", "CAPTURE_TASK_COUNT"):
-        env.pop(name, None)
-    env.update(
-        MODEL_ID=str(smollm2_model),
-        HF_DATASET=str(SAMPLE),
-        STORE_DIR=str(store),
-        DEVICE="cpu",
+    env = pipeline_env(
+        smollm2_model,
+        store,
         DATA_LIMIT=str(DATA_LIMIT),
         EVAL_LIMIT=str(EVAL_LIMIT),
         MAX_LENGTH=str(MAX_LENGTH),
@@ -48,10 +42,6 @@ def pipeline(smollm2_model, tmp_path_factory):
         EPOCHS="8",
         BATCH_SIZE_TRAIN="512",
         BROWSER_LATENTS="20",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
     )
     for script, args in (
         ("01_save_activations.py", ("--run_id", "acts")),

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from sae_pipeline.store import ActivationRun, Store, open_complete_run
-from tests.e2e.test_bad_input import _base_env  # the conftest's pipeline_env, for a module-scoped fixture
-from tests.helpers import immutable, read_only, resize, run_script, small_filesystem
+from tests.helpers import immutable, pipeline_env, read_only, resize, run_script, small_filesystem
 
 STEP1, STEP2, STEP3 = "01_save_activations.py", "02_train_sae.py", "03_evaluate_sae.py"
 
@@ -42,7 +41,7 @@ def _error_line(res: subprocess.CompletedProcess) -> str:
 def trained(tiny_model, tmp_path_factory):
     """(env, store): a complete capture 'acts' and a finished training run 'sae' on an ordinary disk."""
     store = tmp_path_factory.mktemp("storage") / "store"
-    env = {**_base_env(tiny_model), "STORE_DIR": str(store), "EVAL_LIMIT": "16", "BROWSER_LATENTS": "8"}
+    env = {**pipeline_env(tiny_model), "STORE_DIR": str(store), "EVAL_LIMIT": "16", "BROWSER_LATENTS": "8"}
     for script, args in ((STEP1, ("--run_id", "acts")), (STEP2, ("--run_id", "acts", "--sae_run_id", "sae"))):
         res = run_script(script, env, *args)
         assert res.returncode == 0, f"{script}: {res.stderr[-3000:]}"
