@@ -5,7 +5,8 @@
     uv run python benchmarks/capture_speed.py --smollm2          # a real trained Llama: SmolLM2-135M, layer 15 of 30
 
 Both paths get the same documents in the same length-sorted batches (BATCH_SIZE_SAVE documents per forward, or
---batch-tokens padded tokens). Step 1 is the whole step (its stages: tokenise, forward, copy, write, beside each other);
+--batch-tokens padded tokens). Step 1 is the whole step (its stages: tokenise, forward, copy, write; the tokenise stage
+works ahead in a thread only where the forward leaves a core free: --prepare-thread also times it forced into one);
 the bare loop tokenises, pads, runs the forward stopped after the layer, keeps the real tokens' rows and copies them to
 the host, nothing else. Each runs on --small and --large documents; the marginal rate (tokens_large - tokens_small) /
 (t_large - t_small) cancels start-up and model loading. Runs are interleaved; the median of --repeats is printed, with
@@ -15,6 +16,8 @@ step 1's GPU busy fraction and peak memory (CUDA) from its time report, and the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from sae_pipeline import smollm2
+from sae_pipeline import capture, smollm2
 from sae_pipeline.capture import keep_mask, pad_batch, save_activations
 from sae_pipeline.data import load_texts
 from sae_pipeline.settings import CaptureSettings
@@ -39,6 +42,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 class Stop(Exception):
     pass
+
+
+@contextlib.contextmanager
+def forced_prepare_ahead(ahead: bool):
+    """Step 1 with its prepare stage in a thread (True) or between forwards (False), whatever the machine."""
+    chosen = capture.prepare_ahead
+    capture.prepare_ahead = lambda device: ahead
+    try:
+        yield
+    finally:
+        capture.prepare_ahead = chosen
 
 
 def groups(lengths: list[int], batch_size: int, batch_tokens: int | None) -> list[slice]:
@@ -127,6 +141,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--file-order", action="store_true", help="also time the bare loop over unsorted batches")
+    parser.add_argument(
+        "--prepare-thread", action="store_true", help="also time step 1 with its prepare stage forced into a thread"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse (or build once into) this model folder")
     args = parser.parse_args()
 
@@ -145,7 +162,7 @@ def main() -> None:
     bare = Bare(model_dir, layer, device, dtype, args)
     reports = {}
 
-    def step1(limit: int, run_id: str, keep: bool = False) -> int:
+    def step1(limit: int, run_id: str, keep: bool = False, ahead: bool | None = None) -> int:
         settings = CaptureSettings(
             model_id=str(model_dir),
             hf_dataset=str(data),
@@ -160,8 +177,12 @@ def main() -> None:
             layer_num=layer,
             store_dtype="bfloat16",
         )
-        summary = save_activations(settings, run_id=run_id)
-        reports[limit] = summary
+        if ahead is None:
+            summary = save_activations(settings, run_id=run_id)
+            reports[limit] = summary
+        else:
+            with forced_prepare_ahead(ahead):
+                summary = save_activations(settings, run_id=run_id)
         if not keep:
             shutil.rmtree(tmp / "store" / "runs" / run_id)
         return summary.n_tokens
@@ -171,6 +192,8 @@ def main() -> None:
         "bare forward, same (length-sorted) batches": lambda limit, rid: bare(texts[:limit]),
         "step 1 (01_save_activations, whole step)": step1,
     }
+    if args.prepare_thread:
+        paths["step 1, prepare forced into its own thread"] = functools.partial(step1, ahead=True)
     if args.file_order:
         paths["bare forward, batches in file order"] = lambda limit, rid: bare(texts[:limit], sort_by_length=False)
     check = check_rows(bare, step1, texts, layer, tmp / "store")  # also the warm-up
@@ -203,7 +226,8 @@ def main() -> None:
         each = ", ".join(f"{r / b:.2f}" for r, b in zip(rates[name], rates[names[0]]))
         print(f"  {name:45s} {med:12,.0f} marginal tok/s  ratio vs bare {med / base:5.2f}  (each repeat: {each})")
     summary = reports[args.large]
-    print(f"  step 1, {args.large} documents: {StageClock.describe(summary.timing)}")
+    prepare = "ahead in a thread" if summary.timing["prepare_ahead"] else "between forwards"
+    print(f"  step 1, {args.large} documents, prepare {prepare}: {StageClock.describe(summary.timing)}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         bare(texts[: args.large])

@@ -7,7 +7,8 @@ One forward per batch serves every listed layer (a mi_crow detector on each; the
 hook that fires last). Three stages run beside each other, joined by bounded queues (sae_pipeline/stages.py):
 
     prepare  (thread)  read and tokenise a shard, sort its documents by length, plan where each stored row goes,
-                       pad the batches
+                       pad the batches; in the main thread, between forwards, when the forward runs on CPU cores
+                       that torch's threads already fill (see ``prepare_ahead``)
     forward  (main)    the truncated forward; each layer's stored rows go straight into the shard's buffers in
                        document order (CPU: one cast-and-copy; CUDA: selected and cast on the GPU, then copied into
                        pinned buffers on a side stream while the next forward runs)
@@ -18,7 +19,9 @@ hook that fires last). Three stages run beside each other, joined by bounded que
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
+import os
 import queue
 import shutil
 import socket
@@ -45,7 +48,7 @@ from sae_pipeline.model import (
 )
 from sae_pipeline.preemption import StopFlag, StopRequested
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.stages import Producer, Worker
+from sae_pipeline.stages import InlineProducer, Producer, Worker
 from sae_pipeline.store import ActivationRun, LayerSpec, Store, block_index, new_run_id, validate_run_id
 from sae_pipeline.timing import StageClock
 
@@ -502,8 +505,9 @@ def save_activations(
         )
 
     clock = StageClock(STAGES, capturer.device)
-    writer, stopped = _capture(run, capturer, planner, todo, stop, clock, settings, started)
-    timing = _time_report(clock, writer, settings, capturer, started)
+    ahead = prepare_ahead(capturer.device)
+    writer, stopped = _capture(run, capturer, planner, todo, stop, clock, settings, started, ahead)
+    timing = _time_report(clock, writer, settings, capturer, started, ahead)
     run.write_timing(timing)
     if stopped:
         raise StopRequested(
@@ -559,9 +563,10 @@ def _load_capturer(settings: CaptureSettings, run_id: str, n_documents: int) -> 
 
 
 def _time_report(
-    clock: StageClock, writer: ShardWriter, settings: CaptureSettings, capturer: Capturer, started: float
+    clock: StageClock, writer: ShardWriter, settings: CaptureSettings, capturer: Capturer, started: float, ahead: bool
 ) -> dict[str, Any]:
-    """This process's time report (GPU busy counted after start-up), with what it wrote."""
+    """This process's time report (GPU busy counted after start-up), with what it wrote and whether it prepared
+    batches ahead in a thread."""
     wall = time.time() - started
     return clock.report(
         wall,
@@ -571,6 +576,7 @@ def _time_report(
         device=str(capturer.device),
         shards=len(writer.written),
         tokens=sum(info["n_tokens"] for info, _ in writer.written),
+        prepare_ahead=ahead,
     )
 
 
@@ -608,6 +614,17 @@ def check_disk_space(
         )
 
 
+def prepare_ahead(device: torch.device) -> bool:
+    """Whether the prepare stage gets its own thread, working ahead of the forward: on a GPU, and on a CPU where
+    torch leaves a core free. Beside a CPU forward whose threads take every core it would only pre-empt them, and
+    they wait for each other: the whole step ran at 0.89 of a bare forward with it, 0.96 without
+    (benchmarks/RESULTS.md)."""
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
 def _capture(
     run: ActivationRun,
     capturer: Capturer,
@@ -617,13 +634,19 @@ def _capture(
     clock: StageClock,
     settings: CaptureSettings,
     started: float,
+    ahead: bool,
 ) -> tuple[ShardWriter, bool]:
-    """The stages over this process's shards; ``True`` at the end when a stop signal ended them early (after a
-    whole shard, every forwarded shard written). An error anywhere cancels every stage."""
+    """The stages over this process's shards (``ahead``: the prepare stage in its own thread); ``True`` at the end
+    when a stop signal ended them early (after a whole shard, every forwarded shard written). An error anywhere
+    cancels every stage."""
     writer = ShardWriter(run, clock)
     write = Worker("write", writer, maxsize=2)
     writer.pool = BufferPool(capturer.layers, capturer.dtype, capturer.copy_stream is not None, write)
-    prepare = Producer("prepare", lambda: planner.batches(todo, clock), maxsize=BATCHES_AHEAD)
+    batches = functools.partial(planner.batches, todo, clock)
+    if ahead:
+        prepare = Producer("prepare", batches, maxsize=BATCHES_AHEAD)
+    else:
+        prepare = InlineProducer("prepare", batches)
     n_docs = sum(min(settings.docs_per_shard, len(planner.texts) - i * settings.docs_per_shard) for i in todo)
     try:
         with tqdm(
@@ -648,7 +671,7 @@ def _capture(
 
 def _forward_all(
     capturer: Capturer,
-    prepare: Producer,
+    prepare: Producer | InlineProducer,
     write: Worker,
     pool: BufferPool,
     todo: list[int],
@@ -705,11 +728,14 @@ def _print_summary(
         layers[0].signature if len(layers) == 1 else f"{len(layers)} layers ({', '.join(x.signature for x in layers)})"
     )
     widths = ", ".join(sorted({str(x.d_model) for x in layers}))
+    overlap = "they overlap"
+    if not summary.timing["prepare_ahead"]:
+        overlap = "tokenised between forwards, which take every core; written beside them"
     text = (
         f"Captured {summary.n_tokens:,} tokens (d_model {widths}, {settings.store_dtype}) from {where} into "
         f"{summary.n_shards_written} shard(s), {summary.bytes_written / 2**20:,.1f} MiB, in {summary.seconds:,.1f} s "
         f"({rate:,.0f} tokens/s after a {startup:,.1f} s start-up); {summary.n_empty} empty document(s) skipped. "
-        f"Seconds by stage (they overlap): {StageClock.describe(summary.timing)}. "
+        f"Seconds by stage ({overlap}): {StageClock.describe(summary.timing)}. "
     )
     if final is not None:
         text += (

@@ -2,6 +2,7 @@
 
 * ``Producer`` runs a generator in a thread; the consumer iterates over what it yields (work ahead, e.g. tokenising).
 * ``Worker`` applies a function to every item put into it, in order, in a thread (work behind, e.g. writing).
+* ``InlineProducer`` has ``Producer``'s interface without the thread, for work that has nothing to overlap with.
 
 Queues are bounded, so a fast stage waits for a slow one instead of piling up memory. An exception in a stage is
 re-raised, as the same exception object, in the thread that next hands it an item or waits for it; a stage that
@@ -101,6 +102,22 @@ class Producer(_Stage, Generic[T]):
                     self.raise_if_failed()
                     raise RuntimeError(f"background stage {self.name!r} ended without finishing") from None
         return (None if item is _DONE else item), time.perf_counter() - started
+
+
+class InlineProducer(Generic[T]):
+    """``Producer``'s interface, computing each item in the caller's thread when asked for it: beside a CPU
+    forward whose threads already take every core, a thread working ahead gains nothing and pre-empts them."""
+
+    def __init__(self, name: str, items: Callable[[], Iterator[T]]) -> None:
+        self.name = name
+        self._items = items()
+
+    def get(self) -> tuple[T | None, float]:
+        """The next item (None after the last); no time is spent waiting, only computing."""
+        return next(self._items, None), 0.0
+
+    def cancel(self) -> None:
+        """Nothing runs between calls."""
 
 
 class Worker(_Stage, Generic[T]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 
@@ -306,13 +307,37 @@ def test_a_failing_write_ends_the_run_with_one_line_and_it_resumes_exactly(
     assert torch.equal(prov, base_prov) and torch.equal(acts, base_acts)
 
 
-def test_a_failing_preparation_reaches_the_main_thread(tiny_model, tmp_path, monkeypatch, no_hang):
+@pytest.mark.parametrize("ahead", [True, False], ids=["prepared-in-a-thread", "prepared-between-forwards"])
+def test_a_failing_preparation_reaches_the_main_thread(tiny_model, tmp_path, monkeypatch, no_hang, ahead):
+    monkeypatch.setattr(capture_mod, "prepare_ahead", lambda device: ahead)
     error = PipelineError("the tokenizer failed on shard 1")
     real = Planner.shard
     monkeypatch.setattr(Planner, "shard", lambda self, i: (_ for _ in ()).throw(error) if i == 1 else real(self, i))
     with pytest.raises(PipelineError) as info:
         save_activations(settings(tiny_model, tmp_path), run_id="prep")
     assert info.value is error
+
+
+# ---------------------------------------------------------------------------------------- where the prepare stage runs
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["prepared-in-a-thread", "prepared-between-forwards"])
+def test_both_ways_of_preparing_store_the_same_run(tiny_model, tmp_path, captured, monkeypatch, ahead):
+    _, _, base_acts, base_prov = captured
+    monkeypatch.setattr(capture_mod, "prepare_ahead", lambda device: ahead)
+    save_activations(settings(tiny_model, tmp_path), run_id="mode")
+    meta, acts, prov = read_run(tmp_path, "mode")
+    assert torch.equal(prov, base_prov) and torch.equal(acts, base_acts)
+    assert meta["timing"][0]["prepare_ahead"] is ahead
+
+
+def test_the_prepare_stage_runs_ahead_only_where_the_forward_leaves_a_core_free(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(threads)), raising=False)
+    assert not capture_mod.prepare_ahead(torch.device("cpu")), "torch's threads take every core"
+    assert capture_mod.prepare_ahead(torch.device("meta")), "a forward off the CPU leaves the CPU to the stages"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(threads + 1)), raising=False)
+    assert capture_mod.prepare_ahead(torch.device("cpu")), "a core is free beside torch's threads"
 
 
 # --------------------------------------------------------------------------------------------------------- time report
@@ -323,6 +348,7 @@ def test_the_time_report_is_in_the_summary_and_in_meta_json(tiny_model, captured
     (timing,) = meta["timing"]
     assert list(timing["stages_s"]) == list(STAGES)
     assert timing["shards"] == meta["n_shards"] and timing["tokens"] == meta["n_tokens"]
+    assert timing["prepare_ahead"] is capture_mod.prepare_ahead(torch.device("cpu"))
     assert timing["stages_s"]["forward"] > 0 and timing["wall_s"] >= timing["stages_s"]["start-up"] > 0
     save_activations(settings(tiny_model, tmp_path, data_limit=5), run_id="line")
     line = capsys.readouterr().err.splitlines()[-1]

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from sae_pipeline.errors import PipelineError
-from sae_pipeline.stages import Producer, Worker
+from sae_pipeline.stages import InlineProducer, Producer, Worker
 
 
-def drain(producer: Producer) -> list:
+def drain(producer: Producer | InlineProducer) -> list:
     out = []
     while True:
         item, _ = producer.get()
@@ -45,6 +45,23 @@ def test_producer_error_is_raised_in_the_consumer_as_the_same_exception():
     with pytest.raises(PipelineError) as info:
         drain(producer)
     assert info.value is error
+
+
+def test_an_inline_producer_computes_each_item_only_when_asked_and_raises_its_error():
+    made, error = [], PipelineError("TEXT_FIELD='x' is not a column")
+
+    def items():
+        for i in range(3):
+            made.append(i)
+            yield i
+        raise error
+
+    producer = InlineProducer("inline", items)
+    assert made == [], "nothing is computed before the first get"
+    assert producer.get() == (0, 0.0) and made == [0]
+    with pytest.raises(PipelineError) as info:
+        drain(producer)
+    assert info.value is error and made == [0, 1, 2]
 
 
 def test_worker_processes_every_item_in_order_before_close_returns():
