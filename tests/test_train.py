@@ -69,8 +69,8 @@ def test_auxk_matches_gao_definition_without_decoder_bias():
     small = auxk_loss(eng, pre, x, x_hat, few, k_aux=8)
     top2 = pre[:, :2].topk(2, dim=-1)
     e_hat2 = torch.zeros(32, 2).scatter(-1, top2.indices, torch.relu(top2.values)) @ eng.W_dec[:2]
-    assert float(small) == pytest.approx(
-        float((e - e_hat2).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * 2 / 8), rel=1e-5
+    assert small.item() == pytest.approx(
+        ((e - e_hat2).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * 2 / 8).item(), rel=1e-5
     )
     # the gradient reaches only the dead latents' encoder rows
     loss.backward()
