@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, SAMPLE
+from tests.helpers import REPO, pipeline_env
 from tests.slurm.cluster import ClusterError, SlurmCluster, ensure_slurm
 
 
@@ -61,46 +61,25 @@ def job_dir(tmp_path) -> Path:
 
 
 def base_env(tiny_model: Path, store: Path, **overrides: str) -> dict[str, str]:
-    """What a user would export before sbatch: a small, fast, offline run on the tiny model.
+    """What a user would export before sbatch: ``pipeline_env``'s small, fast, offline run, sized for the jobs here,
+    without this shell's sbatch, pytest and virtualenv variables.
 
     VENV points at the project's environment (the default `uv run` path is covered by one test), SAE_MODULES is
     empty (no module system here).
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SAE_", "SBATCH_", "PYTEST_", "WANDB_"))}
-    for name in (
-        "SCRATCH",
-        "RUN_ID",
-        "SAE_RUN_ID",
-        "LAYER_SIGNATURE",
-        "CAPTURE_TASK_ID",
-        "CAPTURE_TASK_COUNT",
-        "PIPELINE_DIR",
-        "VENV",
-        "VIRTUAL_ENV",
-    ):
-        env.pop(name, None)
-    env.update(
-        MODEL_ID=str(tiny_model),
-        HF_DATASET=str(SAMPLE),
-        STORE_DIR=str(store),
-        DEVICE="cpu",
+    sized = dict(
         DATA_LIMIT="200",
-        MAX_LENGTH="32",
         BATCH_SIZE_SAVE="16",
         DOCS_PER_SHARD="25",
-        LAYER_NUM="2",
-        EPOCHS="2",
         BATCH_SIZE_TRAIN="128",
-        N_LATENTS_MULTIPLIER="2",
-        TOP_K="4",
         EVAL_LIMIT="40",
         BROWSER_LATENTS="10",
         VENV=str(REPO / ".venv"),
         SAE_MODULES="",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
         OMP_NUM_THREADS="1",
     )
-    env.update(overrides)
+    env = pipeline_env(tiny_model, store, **{**sized, **overrides})
+    for name in [k for k in env if k.startswith(("SBATCH_", "PYTEST_"))] + ["PIPELINE_DIR", "VIRTUAL_ENV"]:
+        if name not in overrides:
+            env.pop(name, None)
     return env
