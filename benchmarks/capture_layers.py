@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.capture import save_activations
+from sae_pipeline.demo.tiny_model import BENCHMARK_SHAPES, build_tiny_llama, load_sample_texts
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.store import ActivationRun, Store
-from sae_pipeline.tiny_model import BENCHMARK_SHAPES, build_tiny_llama, load_sample_texts
+from sae_pipeline.steps.capture import save_activations
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.demo.tiny_model import build_tiny_llama, load_sample_texts
 
 REPO = Path(__file__).resolve().parent.parent
 

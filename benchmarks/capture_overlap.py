@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sae_pipeline.capture import keep_mask, pad_batch, save_activations
-from sae_pipeline.data import load_texts
+from sae_pipeline.demo.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.lm.data import load_texts
+from sae_pipeline.lm.tokens import keep_mask, pad_batch
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.steps.capture import save_activations
 
 SIGNATURE = "llamaforcausallm_model_embed_tokens"
 BATCH, MAX_LENGTH, DOCS_PER_SHARD = 64, 128, 1024

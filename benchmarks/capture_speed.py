@@ -29,13 +29,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from sae_pipeline import capture, smollm2
-from sae_pipeline.capture import keep_mask, pad_batch, save_activations
-from sae_pipeline.data import load_texts
+from sae_pipeline.demo import smollm2
+from sae_pipeline.demo.tiny_model import BENCHMARK_SHAPES, build_tiny_llama, load_sample_texts
+from sae_pipeline.infra.timing import StageClock
+from sae_pipeline.lm.data import load_texts
+from sae_pipeline.lm.tokens import keep_mask, pad_batch
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.store import ActivationRun, Store
-from sae_pipeline.timing import StageClock
-from sae_pipeline.tiny_model import BENCHMARK_SHAPES, build_tiny_llama, load_sample_texts
+from sae_pipeline.steps import capture
+from sae_pipeline.steps.capture import save_activations
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 
 REPO = Path(__file__).resolve().parent.parent
 

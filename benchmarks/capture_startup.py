@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.demo.tiny_model import build_tiny_llama, load_sample_texts
 
 CHILD = """
 import sys
@@ -26,8 +26,8 @@ if sys.argv[1] == "skip":
     from sae_pipeline.cli import skip_unused_imports
     skip_unused_imports()
 import torch
-from sae_pipeline.capture import save_activations
-from sae_pipeline.model import load_config, load_language_model
+from sae_pipeline.steps.capture import save_activations
+from sae_pipeline.lm.loading import load_config, load_language_model
 load_config(sys.argv[2])
 load_language_model(sys.argv[2], sys.argv[3], torch.device("cpu"), torch.float32)
 print(sorted(m for m in ("torchvision", "scipy") if sys.modules.get(m) is not None))

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.evaluate import CONDITIONS, downstream, make_batches, make_splice
-from sae_pipeline.model import load_language_model
-from sae_pipeline.sae import PipelineSae
-from sae_pipeline.tiny_model import build_benchmark_llama, load_sample_texts
+from sae_pipeline.demo.tiny_model import build_benchmark_llama, load_sample_texts
+from sae_pipeline.lm.loading import load_language_model
+from sae_pipeline.lm.splice import make_splice
+from sae_pipeline.lm.tokens import token_batches
+from sae_pipeline.sae.downstream import CONDITIONS, downstream
+from sae_pipeline.sae.model import PipelineSae
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -53,7 +55,7 @@ def main() -> None:
     sig = f"llamaforcausallm_model_layers_{n_layers // 2}_post_attention_layernorm"
     texts = [t for t in load_sample_texts() if t.strip()]
     texts = (texts * (args.docs // len(texts) + 1))[: args.docs]
-    batches = [b.to(device) for b in make_batches(lm.tokenizer, texts, args.max_length, args.batch_size, False)]
+    batches = [b.to(device) for b in token_batches(lm.tokenizer, texts, args.max_length, args.batch_size, False)]
     n_tokens = sum(b.n_real for b in batches)
     sae = PipelineSae(8 * d, d, 32).to_device(device)
     engine = sae.sae_engine.eval()

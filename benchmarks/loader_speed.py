@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from train_speed import LAYER, machine, synthetic_run
 
-from sae_pipeline.store import ActivationRun, Store
-from sae_pipeline.train_data import TokenLoader
+from sae_pipeline.sae.loader import TokenLoader
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 
 REPO = Path(__file__).resolve().parent.parent
 

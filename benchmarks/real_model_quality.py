@@ -36,12 +36,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from train_quality import holdout_metrics, train_sparsify  # noqa: E402
 
-from sae_pipeline import smollm2  # noqa: E402
-from sae_pipeline.demo import CORPUS_FILE, write_corpus  # noqa: E402
-from sae_pipeline.evaluate import downstream, make_batches, make_splice  # noqa: E402
-from sae_pipeline.metrics import recovered_or_reason  # noqa: E402
-from sae_pipeline.store import ActivationRun, Store  # noqa: E402
-from sae_pipeline.train_data import TokenLoader  # noqa: E402
+from sae_pipeline.demo import smollm2  # noqa: E402
+from sae_pipeline.demo.pipeline import CORPUS_FILE, write_corpus  # noqa: E402
+from sae_pipeline.lm.splice import make_splice  # noqa: E402
+from sae_pipeline.lm.tokens import token_batches  # noqa: E402
+from sae_pipeline.sae.downstream import downstream  # noqa: E402
+from sae_pipeline.sae.loader import TokenLoader  # noqa: E402
+from sae_pipeline.sae.metrics import recovered_or_reason  # noqa: E402
+from sae_pipeline.store.activations import ActivationRun  # noqa: E402
+from sae_pipeline.store.runs import Store  # noqa: E402
 
 RUN = "smollm2_l15"
 LAYER = 15
@@ -51,11 +54,11 @@ SEED = 42
 
 def capture(store: Store, run_id: str, model_dir: Path, corpus: Path, data_limit: int, max_length: int):
     """Step 1's activation run (reused when complete, e.g. the demo's: same corpus, limit, length and layer)."""
-    from sae_pipeline.capture import save_activations
     from sae_pipeline.settings import CaptureSettings
+    from sae_pipeline.steps.capture import save_activations
 
     run = ActivationRun(store, run_id)
-    if run.is_complete():
+    if run.status() == "complete":
         meta = run.read_meta()
         assert (meta["layer_signature"], meta["max_length"], meta["dataset"]["limit"]) == (
             SIGNATURE,
@@ -79,9 +82,9 @@ def capture(store: Store, run_id: str, model_dir: Path, corpus: Path, data_limit
 
 
 def train_ours(store: Store, run_id: str, k: int, epochs: int, batch: int):
-    from sae_pipeline.sae import PipelineSae
+    from sae_pipeline.sae.model import PipelineSae
     from sae_pipeline.settings import TrainSettings
-    from sae_pipeline.train import train_sae
+    from sae_pipeline.steps.train import train_sae
 
     sid = f"ours_k{k}_e{epochs}_b{batch}"
     if not (store.run_dir(sid) / "model.pt").is_file():
@@ -131,12 +134,12 @@ def main() -> None:
         f"{torch.__version__}, {time.strftime('%Y-%m-%d')}",
         flush=True,
     )
-    from sae_pipeline.model import load_language_model
+    from sae_pipeline.lm.loading import load_language_model
 
     lm = load_language_model(str(model_dir), args.store, torch.device("cpu"), torch.float32)
     texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
     texts = texts[args.data_limit : args.data_limit + args.eval_docs]
-    batches = make_batches(lm.tokenizer, texts, args.max_length, 8, keep_special=False)
+    batches = token_batches(lm.tokenizer, texts, args.max_length, 8, keep_special=False)
     rows, reference = [], None
     for k in map(int, args.ks.split(",")):
         ours, info = train_ours(store, args.run, k, args.epochs, args.batch)

@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sae_pipeline import smollm2  # noqa: E402
-from sae_pipeline.demo import CORPUS_FILE, write_corpus  # noqa: E402
+from sae_pipeline.demo import smollm2  # noqa: E402
+from sae_pipeline.demo.pipeline import CORPUS_FILE, write_corpus  # noqa: E402
 
 RUN_ID, SWEEP_ID = "smollm2_l15", "smollm2_frontier"
 SETTINGS = {

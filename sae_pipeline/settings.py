@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from sae_pipeline.errors import PipelineError
+from sae_pipeline.infra.errors import PipelineError
 
 
 def default_store_dir() -> Path:
@@ -80,6 +80,13 @@ class CommonSettings(BaseSettings):
         min_length=1,
         description="activation run id (same as --run_id; step 1 default: a fresh one, "
         "later steps: the one in STORE_DIR/run_id.txt)",
+    )
+    progress_every_seconds: float = Field(
+        60,
+        gt=0,
+        allow_inf_nan=False,
+        description="when output is not a terminal (a SLURM log), one progress line every this many seconds; "
+        "a terminal shows a bar",
     )
 
 

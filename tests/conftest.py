@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sae_pipeline import smollm2
-from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.demo import smollm2
+from sae_pipeline.demo.tiny_model import build_tiny_llama, load_sample_texts
 from tests import helpers
 from tests.helpers import SAMPLE
 

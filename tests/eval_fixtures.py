@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_pipeline.tiny_model import load_sample_texts
+from sae_pipeline.demo.tiny_model import load_sample_texts
 
 CHROMIUM_FLAGS = [
     "--headless",

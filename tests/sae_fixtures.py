@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from sae_pipeline.lm.layers import LayerSpec, block_index
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.store import ActivationRun, LayerSpec, Store, block_index
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 
 LAYER = "llamaforcausallm_model_layers_1_post_attention_layernorm"
 LAYER3 = "llamaforcausallm_model_layers_3_post_attention_layernorm"

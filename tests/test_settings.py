@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sae_pipeline.errors import PipelineError
+from sae_pipeline.infra.errors import PipelineError
 from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sae_pipeline.store import ActivationRun, Store
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 from tests.helpers import pipeline_env, run_script
 
 STEP1, STEP2 = "01_save_activations.py", "02_train_sae.py"
@@ -269,8 +270,8 @@ def test_golden_store_is_what_the_cases_assume(golden):
     store = Store(root)
     good = ActivationRun(store, "good")
     meta = good.read_meta()
-    assert good.is_complete() and [(x["signature"], x["d_model"]) for x in meta["layers"]] == [(SITE2, 64)]
-    assert not ActivationRun(store, "partial").is_complete()
+    assert good.status() == "complete" and [(x["signature"], x["d_model"]) for x in meta["layers"]] == [(SITE2, 64)]
+    assert ActivationRun(store, "partial").status() != "complete"
     loader = StoreDataloader(LocalStore(base_path=root), "good", SITE2, batch_size=1000, dtype=torch.float32)
     acts = torch.cat(list(loader))
     assert acts.shape == (meta["n_tokens"], 64) and torch.isfinite(acts).all()

@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from sae_pipeline.capture import save_activations
+from sae_pipeline.demo.tiny_model import build_tiny_llama, load_sample_texts
 from sae_pipeline.settings import CaptureSettings
-from sae_pipeline.store import ActivationRun, Store, open_complete_run
-from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.steps.capture import save_activations
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 from tests.helpers import REPO, SAMPLE, run_script
 
 
@@ -26,7 +27,8 @@ def slower_model(tmp_path_factory):
 
 
 def all_shards(store_dir, run_id):
-    run, meta = open_complete_run(Store(store_dir), run_id)
+    run = ActivationRun(Store(store_dir), run_id)
+    meta = run.open()
     return meta, [run.read_shard(i, meta["layer_signatures"][0]) for i in range(meta["n_shards"])]
 
 
@@ -70,7 +72,7 @@ def test_sigkill_then_resume_equals_uninterrupted(env, tmp_path):
     wait_for_shards(run, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not run.is_complete() and not (store.root / "run_id.txt").exists()
+    assert run.status() != "complete" and not (store.root / "run_id.txt").exists()
     partial = run.completed_shards()
     assert 2 <= len(partial) < 20
 
@@ -99,9 +101,9 @@ def test_stop_signal_saves_the_shard_and_exits_resumable(env, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert "stopped:" in err and "--run_id stopped" in err
-    assert not run.is_complete() and 1 <= len(run.completed_shards()) < 20
+    assert run.status() != "complete" and 1 <= len(run.completed_shards()) < 20
     assert not list(run.dir.glob(".tmp*")), "the writer is flushed before the exit: no shard is left half-written"
     assert len(list((run.dir / "timing").glob("*.json"))) == 1, "the stopped process leaves its time report"
     finished = run_script("01_save_activations.py", env, "--run_id", "stopped")
     assert finished.returncode == 0, finished.stderr
-    assert run.is_complete()
+    assert run.status() == "complete"

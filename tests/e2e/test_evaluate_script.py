@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sae_pipeline.sae import PipelineSae
-from sae_pipeline.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.demo.tiny_model import build_tiny_llama, load_sample_texts
+from sae_pipeline.sae.model import PipelineSae
 from tests.eval_fixtures import artifacts_dir, chromium, console_errors, run_chromium, trained_tiny_model  # noqa: F401
 from tests.helpers import SAMPLE, pipeline_env, run_script
 

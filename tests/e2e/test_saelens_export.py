@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_pipeline.export import SAELENS_VERSION
-from sae_pipeline.sae import PipelineSae
-from sae_pipeline.store import ActivationRun, Store
+from sae_pipeline.outputs.saelens import SAELENS_VERSION
+from sae_pipeline.sae.model import PipelineSae
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 from tests.helpers import SAMPLE, pipeline_env, run_saelens, run_script
 
 SIG = "llamaforcausallm_model_layers_2_post_attention_layernorm"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_pipeline.tiny_model import load_sample_texts
+from sae_pipeline.demo.tiny_model import load_sample_texts
 from tests.helpers import SAMPLE, pipeline_env, run_script
 
 LAYER = 15  # the middle of 30 blocks; capture stops after it

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sae_pipeline.store import ActivationRun, Store, open_complete_run
+from sae_pipeline.store.activations import ActivationRun
+from sae_pipeline.store.runs import Store
 from tests.helpers import immutable, pipeline_env, read_only, resize, run_script, small_filesystem
 
 STEP1, STEP2, STEP3 = "01_save_activations.py", "02_train_sae.py", "03_evaluate_sae.py"
@@ -82,7 +83,7 @@ def test_capture_on_a_full_disk_keeps_its_shards_and_resumes(pipeline_env, tmp_p
         res = run_script(STEP1, env, "--run_id", "full1")
         assert res.returncode == 0, res.stderr[-3000:]
         assert f"resuming run 'full1': {len(done)} of 30 shards already on disk" in res.stderr
-        _, meta = open_complete_run(Store(disk), "full1")
+        meta = ActivationRun(Store(disk), "full1").open()
         assert meta["n_shards"] == 30 and (disk / "run_id.txt").read_text().strip() == "full1"
         now = _files(run.dir)
         assert all(now[name] == digest for name, digest in kept.items() if name.startswith("batch_"))

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from sae_pipeline.settings import TrainSettings
-from sae_pipeline.store import SAE_RUN_ID_FILE, Store, training_runs
-from sae_pipeline.train import train_sae
+from sae_pipeline.steps.train import train_sae
+from sae_pipeline.store.runs import SAE_RUN_ID_FILE, Store
+from sae_pipeline.store.training import training_runs
 from tests.helpers import REPO, run_script, train_env
 from tests.sae_fixtures import LAYER, LAYER3, RUN_FOLDER, make_run
 
