@@ -1,37 +1,30 @@
-"""The README documents every variable with the default the code uses."""
+"""The README is the front door: short, and its first screen gives the two commands a fresh machine needs."""
 
-import re
-
-import pytest
-
-from sae_pipeline.settings import CaptureSettings, CommonSettings, EvalSettings, TrainSettings
 from tests.helpers import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
-FIELDS = {
-    **CommonSettings.model_fields,
-    **CaptureSettings.model_fields,
-    **TrainSettings.model_fields,
-    **EvalSettings.model_fields,
-}
+DEMO = "uv run python -m sae_pipeline.demo"
+TESTS = "uv run pytest"
+FIRST_SCREEN = 40  # lines
+MAX_LINES = 150
 
 
-def documented_default(field) -> str:
-    if field.default_factory is not None or field.default is None:
-        return ""
-    if isinstance(field.default, bool):
-        return f"`{int(field.default)}`"
-    return f"`{field.default}`"
+def _first_line_with(text: str, lines: list[str]) -> int:
+    return next((i for i, line in enumerate(lines) if text in line), len(lines))
 
 
-@pytest.mark.parametrize("name", sorted(FIELDS))
-def test_variable_is_in_the_readme_table_with_its_default(name):
-    row = re.search(rf"^\| `{name.upper()}` \|(.*)$", README, flags=re.MULTILINE)
-    assert row, f"{name.upper()} has no row in the README's variable tables"
-    assert documented_default(FIELDS[name]) in row.group(1)
+def test_first_screen_gives_the_demo_then_the_tests():
+    lines = README.splitlines()[:FIRST_SCREEN]
+    demo, tests = _first_line_with(DEMO, lines), _first_line_with(TESTS, lines)
+    assert demo < len(lines), f"the README's first {FIRST_SCREEN} lines do not give `{DEMO}`"
+    assert tests < len(lines), f"the README's first {FIRST_SCREEN} lines do not give `{TESTS}`"
+    assert demo < tests, f"the README gives `{TESTS}` before `{DEMO}`"
 
 
-def test_readme_gives_the_two_commands_ci_runs():
-    assert "uv run python 01_save_activations.py" in README
-    assert "uv run pytest" in README
-    assert "uv run pytest" in (REPO / ".ci" / "run").read_text()
+def test_ci_runs_the_readme_test_command():
+    assert TESTS in (REPO / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_readme_is_short():
+    n = len(README.splitlines())
+    assert n <= MAX_LINES, f"README.md has {n} lines, more than {MAX_LINES}: move reference material to docs/"
