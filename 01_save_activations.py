@@ -1,6 +1,6 @@
 """Step 1: capture the hooked layer's activations of a text dataset into the store.
 
-Configured by environment variables; see README.md. The logic lives in the sae_pipeline package.
+Configured by environment variables; see docs/configuration.md. The logic lives in the sae_pipeline package.
 """
 
 from sae_pipeline.cli import save_activations_main

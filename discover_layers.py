@@ -1,6 +1,6 @@
 """Helper: how many layers a model has, which hook points exist and which layer to pick.
 
-Configured by environment variables; see README.md. The logic lives in the sae_pipeline package.
+Configured by environment variables; see docs/layers.md. The logic lives in the sae_pipeline package.
 """
 
 from sae_pipeline.cli import discover_layers_main

@@ -22,7 +22,7 @@
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). Evaluation writes its
 # files only at the end, atomically; a killed job is simply submitted again (no requeue needed).
-# See README.md, "Running on a SLURM cluster" and "Evaluating an SAE (step 3)".
+# See docs/slurm.md and docs/evaluation.md.
 
 # Find the project (SLURM runs a spool copy of this file, so $0 is no guide), then load the shared helpers.
 SAE_PROJECT_DIR=

@@ -3,7 +3,7 @@
 #
 #   ./submit_pipeline.sh [CAPTURE_SBATCH_ARGS...] [-- TRAIN_SBATCH_ARGS...]
 #
-#   ./submit_pipeline.sh                                     # the seed's settings
+#   ./submit_pipeline.sh                                     # the original specification's settings
 #   DATA_LIMIT=5000 EPOCHS=5 ./submit_pipeline.sh            # pipeline variables, as for the single steps
 #   ./submit_pipeline.sh --array=0-7 -- --time=12:00:00      # capture as an 8-task array; training's own args
 #   LAYER_NUM=8,16,24 TOP_K=16,32 ./submit_pipeline.sh -- --array=0-2

@@ -14,7 +14,7 @@
 #
 # Step 1 on SLURM: capture a layer's activations into the store (01_save_activations.py).
 #
-#   sbatch submit_save_activations.sh                              # the seed's settings below
+#   sbatch submit_save_activations.sh                              # the original specification's settings below
 #   DATA_LIMIT=5000 LAYER_NUM=20 sbatch submit_save_activations.sh # any pipeline variable, from your shell
 #   LAYER_NUM=8,16,24 BATCH_TOKENS_SAVE=65536 sbatch submit_save_activations.sh   # 3 layers, GPU-sized batches
 #   sbatch --time=2:00:00 --mem=16G submit_save_activations.sh     # any #SBATCH line, on the command line
@@ -24,7 +24,7 @@
 # Wrapper variables: PIPELINE_DIR (the project folder, found automatically), VENV (a virtualenv; default
 # `uv run` in the project), SAE_MODULES (modules to load where `module` exists; default "python/3.10 cuda/11.8",
 # empty for none). RUN_ID defaults to act_<cluster>_<job id> (the array's job id for all of its tasks), so a
-# requeued job or task resumes the same run. See README.md, "Running on a SLURM cluster".
+# requeued job or task resumes the same run. See docs/slurm.md.
 
 # Find the project (SLURM runs a spool copy of this file, so $0 is no guide), then load the shared helpers.
 SAE_PROJECT_DIR=
@@ -36,7 +36,7 @@ done
 # shellcheck source=slurm/common.sh
 . "$SAE_PROJECT_DIR/slurm/common.sh"
 
-# The seed's example settings: defaults only, a value exported in the submitting shell wins.
+# The original specification's example settings: defaults only, a value exported in the submitting shell wins.
 : "${DATA_LIMIT:=100000}"
 : "${BATCH_SIZE_SAVE:=32}"
 : "${LAYER_NUM:=16}"

@@ -24,7 +24,7 @@
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). SAE_RUN_ID defaults to
 # sae_<cluster>_<job id> (an array's job id for all of its tasks), which survives a requeue, so a preempted
-# training resumes from its checkpoint. See README.md, "Running on a SLURM cluster" and "Sweeps".
+# training resumes from its checkpoint. See docs/slurm.md and docs/sweeps.md.
 
 # Find the project (SLURM runs a spool copy of this file, so $0 is no guide), then load the shared helpers.
 SAE_PROJECT_DIR=
@@ -36,9 +36,9 @@ done
 # shellcheck source=slurm/common.sh
 . "$SAE_PROJECT_DIR/slurm/common.sh"
 
-# The seed's example settings: defaults only, a value exported in the submitting shell wins.
+# The original specification's example settings: defaults only, a value exported in the submitting shell wins.
 : "${EPOCHS:=20}"
-: "${BATCH_SIZE_TRAIN:=4096}"   # the seed had 64: far too few tokens per step for a good SAE (README, Training)
+: "${BATCH_SIZE_TRAIN:=4096}"   # the original specification had 64: far too few tokens per step for a good SAE (docs/training.md)
 : "${N_LATENTS_MULTIPLIER:=8}"
 : "${TOP_K:=8}"
 : "${DEVICE:=cuda}"

@@ -20,7 +20,7 @@
 #
 # BATCH_SIZE_TRAIN is the GLOBAL batch (tokens per optimisation step over all GPUs): each GPU takes
 # BATCH_SIZE_TRAIN / (nodes x GPUs per node), which must divide evenly. Same settings, same SAE_RUN_ID handling,
-# preemption, requeue and sweeps (TOP_K=16,32 ...; --array splits them) as submit_train_sae.sh; see README.md,
+# preemption, requeue and sweeps (TOP_K=16,32 ...; --array splits them) as submit_train_sae.sh; see docs/training.md,
 # "Training on several GPUs".
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_train_sae.sh); SAE_GPUS_PER_NODE (default:
@@ -36,7 +36,7 @@ done
 # shellcheck source=slurm/common.sh
 . "$SAE_PROJECT_DIR/slurm/common.sh"
 
-# The seed's example settings: defaults only, a value exported in the submitting shell wins.
+# The original specification's example settings: defaults only, a value exported in the submitting shell wins.
 : "${EPOCHS:=20}"
 : "${BATCH_SIZE_TRAIN:=4096}"   # global: split over all GPUs
 : "${N_LATENTS_MULTIPLIER:=8}"

@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_checks.sh                  # with the project's environment (uv), else python3
 # 1. Capture (step 1) on a random-weight Llama with Bielik-1.5B's shape (hidden 1536, 32 layers, 12 heads, 2 KV
 #    heads, intermediate 8960, vocab 32000), layer 16, bf16 storage: marginal tokens/s of the whole step 1 against
-#    the bare truncated forward at the same batches, step 1's GPU busy fraction and peak memory, at the seed's batch
+#    the bare truncated forward at the same batches, step 1's GPU busy fraction and peak memory, at the original specification's batch
 #    (16 documents x up to 128 tokens) and at the recommended BATCH_TOKENS_SAVE=65536 (DOCS_PER_SHARD=4096).
 # 2. SAE training tokens/s at d_in 1536, 4x expansion (6,144 latents), k 32, batch 4096, bf16 autocast, shards read
 #    from disk, against a bare in-memory TopK loop; its "timing" has the time per stage, the GPU's busy fraction

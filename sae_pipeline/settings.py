@@ -1,8 +1,8 @@
 """Every environment variable of the pipeline, defined once.
 
 Each field is read from the upper-case environment variable of the same name (``top_k`` <- ``TOP_K``). The scripts
-pick the class for their step; the fields, defaults and bounds live only here, and the README table is checked
-against them by a test.
+pick the class for their step; the fields, defaults and bounds live only here; docs/configuration.md is generated
+from them (scripts/configuration_doc.py; a test fails while it is stale).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sae_pipeline.infra.errors import PipelineError
 
 
 def default_store_dir() -> Path:
-    """``$SCRATCH/sae_store`` on clusters that define SCRATCH, else ``./store`` (the seed's rule)."""
+    """``$SCRATCH/sae_store`` on clusters that define SCRATCH, else ``./store`` (the original specification's rule)."""
     scratch = os.environ.get("SCRATCH")
     return Path(scratch) / "sae_store" if scratch else Path("store")
 
@@ -133,11 +133,12 @@ class CaptureSettings(CommonSettings):
         None,
         ge=1,
         description="padded tokens per forward pass; when set, batches are sized by tokens instead of "
-        "BATCH_SIZE_SAVE (on a GPU, see the README)",
+        "BATCH_SIZE_SAVE (on a GPU, see docs/gpus.md)",
     )
     docs_per_shard: int = Field(1024, ge=1, description="documents per stored shard (the unit of resume)")
     hook_side: Literal["output", "input"] = Field(
-        "output", description="output = the hooked module's output (seed default); input = its input"
+        "output",
+        description="output = the hooked module's output (the original specification's default); input = its input",
     )
     keep_special_tokens: bool = Field(False, description="also store BOS/EOS and other special tokens")
     store_dtype: Literal["bfloat16", "float16", "float32"] = Field(
@@ -195,7 +196,9 @@ class TrainSettings(CommonSettings):
     )
     epochs: int = Field(10, ge=1, description="passes over the training tokens")
     batch_size_train: int = Field(
-        4096, ge=1, description="tokens per optimisation step (the seed used 32, far too few for a good SAE)"
+        4096,
+        ge=1,
+        description="tokens per optimisation step (the original specification used 32, far too few for a good SAE)",
     )
     lr_warmup_fraction: float = Field(
         0.05, ge=0, le=0.5, description="fraction of the steps with a linear learning-rate warm-up"

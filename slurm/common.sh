@@ -22,7 +22,7 @@ if [ -n "${PIPELINE_DIR:-}" ] && [ "$(cd "$PIPELINE_DIR" 2>/dev/null && pwd)" !=
     exit 2
 fi
 
-SAE_EXIT_RESUMABLE=75     # sae_pipeline/preemption.py EXIT_RESUMABLE
+SAE_EXIT_RESUMABLE=75     # sae_pipeline/infra/preemption.py EXIT_RESUMABLE
 SAE_EXIT_USAGE=2          # user error, as the Python steps use
 
 sae_log() {
@@ -52,7 +52,7 @@ sae_job_label() {
     fi
 }
 
-# SAE_MODULES: space-separated modules to load (default: the seed's "python/3.10 cuda/11.8"; empty = none).
+# SAE_MODULES: space-separated modules to load (default: the original specification's "python/3.10 cuda/11.8"; empty = none).
 sae_load_modules() {
     local mods=${SAE_MODULES-python/3.10 cuda/11.8}
     [ -n "$mods" ] || return 0

@@ -82,7 +82,7 @@ def run_saelens(checks: dict[Path, Path], timeout: float = 900) -> list[dict]:
     """SAELens itself on exports, in its own environment (tests/saelens_env; uv installs it from its lock on first
     use): one result per ``{export folder: inputs file}``, see tests/saelens_env/check_export.py."""
     uv = os.environ.get("UV") or shutil.which("uv")
-    assert uv, "uv is needed to run SAELens in its own environment (README: Quick start)"
+    assert uv, "uv is needed to run SAELens in its own environment (README: Try it)"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")}
     script = SAELENS_ENV / "check_export.py"
     res = subprocess.run(

@@ -44,7 +44,7 @@ class Dist:
         except (KeyError, ValueError):
             raise PipelineError(
                 "WORLD_SIZE/RANK/LOCAL_RANK are malformed; launch several processes with torchrun "
-                '(see README.md, "Training on several GPUs")'
+                '(see docs/training.md, "Training on several GPUs")'
             ) from None
 
     @property

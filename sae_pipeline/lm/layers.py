@@ -63,7 +63,7 @@ def hf_module_path(model: nn.Module, signature: str) -> str | None:
 
 
 def site_names(names: list[str]) -> list[str]:
-    """The seed's hook points, one per block, when the architecture has them (Llama, Mistral, Qwen, ...)."""
+    """The original specification's hook points, one per block, where the architecture has them (Llama, Qwen, ...)."""
     return [n for n in names if n.endswith("_" + SITE)]
 
 
