@@ -84,6 +84,14 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def prepare_process() -> None:
+    """Before any heavy import, settle whether the hub is used: offline, a model or dataset that is not cached
+    fails at once instead of after retries."""
+    from sae_pipeline.lm.hub import settle_offline_mode
+
+    settle_offline_mode()
+
+
 def save_activations_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Step 1: capture a layer's activations into the store.")
     parser.add_argument("--run_id", help="activation run id (default: a fresh one); an unfinished run is resumed")
@@ -92,6 +100,7 @@ def save_activations_main(argv: list[str] | None = None) -> None:
     def run() -> None:
         settings = load_settings(CaptureSettings)  # before the heavy import: a bad variable fails in a blink
         skip_unused_imports()
+        prepare_process()
         from sae_pipeline.infra.timing import process_start
         from sae_pipeline.steps.capture import save_activations
 
@@ -112,6 +121,7 @@ def train_sae_main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         settings = load_settings(TrainSettings)  # before the heavy import: a bad variable fails in a blink
+        prepare_process()
         from sae_pipeline.infra.distributed import Dist
         from sae_pipeline.steps.train import train_sae
 
@@ -131,10 +141,12 @@ def discover_layers_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        settings = load_settings(CommonSettings)
         skip_unused_imports()
+        prepare_process()
         from sae_pipeline.steps.discover import discover
 
-        discover(load_settings(CommonSettings), load=args.load, show_all=args.all)
+        discover(settings, load=args.load, show_all=args.all)
 
     exit_on_error(run)
 
@@ -154,6 +166,7 @@ def evaluate_sae_main(argv: list[str] | None = None) -> None:
         from sae_pipeline.settings import EvalSettings
 
         settings = load_settings(EvalSettings)  # before the heavy import: a bad variable fails in a blink
+        prepare_process()
         from sae_pipeline.steps.evaluate import evaluate_sae
 
         evaluate_sae(settings, sae_run_id=args.sae_run_id)

@@ -7,9 +7,16 @@ seconds, which makes the layer matter: zero-ablating it must then raise the loss
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
+import re
 import shutil
 import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,6 +105,81 @@ def run_chromium(binary: str, profile: Path, *args: str, timeout: float = 120) -
     return subprocess.run(
         [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+class Page:
+    """A page open in a real headless Chromium, driven over the DevTools protocol: ``evaluate`` runs JavaScript in it
+    (a click, a read of the DOM) and returns the value; ``errors`` are the page's uncaught exceptions so far."""
+
+    def __init__(self, socket) -> None:
+        import websocket  # noqa: F401  (websocket-client, a dev dependency)
+
+        self.socket, self.ids, self.errors = socket, itertools.count(1), []
+        self.call("Runtime.enable")
+
+    def call(self, method: str, **params):
+        msg_id = next(self.ids)
+        self.socket.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.socket.recv())
+            if msg.get("method") == "Runtime.exceptionThrown":
+                self.errors.append(msg["params"]["exceptionDetails"].get("text", "exception"))
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(msg["error"])
+                return msg["result"]
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(result["exceptionDetails"].get("text", "exception") + ": " + expression)
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(expression):
+            if time.monotonic() > deadline:
+                raise TimeoutError(expression)
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def open_page(binary: str, profile: Path, url: str, width: int = 1280, height: int = 1000) -> Iterator[Page]:
+    """``url`` in a headless Chromium with a DevTools port; the browser is stopped afterwards."""
+    import websocket
+
+    proc = subprocess.Popen(
+        [
+            binary,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = None
+        for line in proc.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
+            if (found := re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)) is not None:
+                port = found.group(1)
+                break
+        assert port, "Chromium did not open its DevTools port"
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        page = next(t for t in targets if t["type"] == "page")
+        socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        try:
+            opened = Page(socket)
+            opened.call("Page.navigate", url=url)
+            opened.wait_for("location.href !== 'about:blank' && document.readyState === 'complete'")
+            yield opened
+        finally:
+            socket.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def console_errors(stderr: str) -> list[str]:

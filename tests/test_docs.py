@@ -127,3 +127,40 @@ def test_every_cited_path_exists(rel):
     cites = citations(text, markdown=rel.endswith(".md"))
     missing = [" ".join(map(repr, cite)) for cite in cites if not _exists(rel, cite)]
     assert not missing, f"{rel} cites what the repository does not have: {', '.join(missing)}"
+
+
+def package_map() -> dict[str, set[str]]:
+    """{folder of sae_pipeline/ ("" for the package itself): module files the package map in docs/design.md names
+    there}; what a description says in parentheses (other files it mentions) is left out."""
+    text = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
+    block = text.split("## The package map", 1)[1].split("```", 2)[1]
+    lines = block.split("sae_pipeline/\n", 1)[1].splitlines()
+    groups: dict[str, str] = {}
+    folder = None
+    for line in lines:
+        if not line.startswith("  "):
+            break
+        if (head := re.match(r"^  (\w+)/\s+(.*)$", line)) is not None:
+            folder, line = head.group(1), head.group(2)
+        elif (module := re.match(r"^  (\w+\.py)\s", line)) is not None:
+            folder, line = "", module.group(1)
+        groups[folder] = groups.get(folder, "") + " " + line
+    named = {}
+    for folder, words in groups.items():
+        while re.search(r"\([^()]*\)", words):
+            words = re.sub(r"\([^()]*\)", "", words)
+        named[folder] = set(re.findall(r"\b(\w+\.(?:py|html))\b", words))
+    return named
+
+
+def test_the_package_map_matches_the_folders():
+    """docs/design.md names every module of sae_pipeline/ in its folder, and nothing that is not there."""
+    documented = package_map()
+    package = REPO / "sae_pipeline"
+    actual = {
+        folder: {p.name for p in (package / folder).iterdir() if p.suffix in (".py", ".html")}
+        - {"__init__.py", "__main__.py"}
+        for folder in ("steps", "lm", "sae", "store", "outputs", "infra", "demo")
+    }
+    actual[""] = {p.name for p in package.glob("*.py")} - {"__init__.py"}
+    assert {k: v for k, v in documented.items() if k in actual} == actual

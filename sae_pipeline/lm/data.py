@@ -7,8 +7,10 @@ from pathlib import Path
 import datasets
 
 from sae_pipeline.infra.errors import PipelineError
+from sae_pipeline.lm import hub
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+LOCAL_CHOICES = "a local file (" + ", ".join(LOCAL_BUILDERS) + ") or a folder of them"
 
 
 def looks_like_path(name: str) -> bool:
@@ -41,6 +43,8 @@ def load_texts(name: str, split: str, text_field: str, limit: int, shuffle: bool
             ) from None
         raise PipelineError(f"HF_DATASET={name!r} could not be loaded: {_first_line(exc)}") from None
     except (OSError, ConnectionError, FileNotFoundError) as exc:
+        if hub.is_offline():
+            raise PipelineError(hub.not_cached("HF_DATASET", name, "dataset", LOCAL_CHOICES)) from None
         raise PipelineError(
             f"HF_DATASET={name!r} could not be loaded (offline, a typo, or a private dataset "
             f"needing HF_TOKEN): {_first_line(exc)}"

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from sae_pipeline.infra.errors import PipelineError
+from sae_pipeline.lm import hub
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GGUF_SUFFIX = ".gguf"
@@ -99,6 +100,8 @@ def _load_error(model_id: str, exc: BaseException) -> PipelineError:
     first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     if Path(model_id).expanduser().exists():
         return PipelineError(f"MODEL_ID={model_id!r} could not be loaded: {first_line}")
+    if hub.is_offline():
+        return PipelineError(hub.not_cached("MODEL_ID", model_id, "model", "a local model folder or .gguf file"))
     return PipelineError(
         f"MODEL_ID={model_id!r} could not be loaded: not a local directory, and the hub did not "
         f"provide it (offline, a typo, or a gated model needing HF_TOKEN): {first_line}"

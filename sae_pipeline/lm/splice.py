@@ -45,25 +45,27 @@ def make_splice(
             self.width = int(tensor.shape[-1])
             if self.mode == "off":
                 return None
-            keep = self.keep
-            if self.mode == "zero":
-                new = torch.zeros((), dtype=tensor.dtype, device=tensor.device)
-            elif self.mode == "mean":
-                new = self.mean.to(device=tensor.device, dtype=tensor.dtype)
-            elif self.mode in self.saes:
-                x = tensor[keep].float()
-                _, z, x_hat = self.saes[self.mode](x)
-                if self.mode in self.stats:
-                    self.stats[self.mode].update(x, x_hat.float(), z.float())
-                new = x_hat.to(tensor.dtype)
-            else:
-                raise ValueError(f"unknown splice mode {self.mode!r}")
+            new = self.replacement(tensor)
             if self.hook_type == HookType.PRE_FORWARD:
                 out = tensor.clone()
-                out[keep] = new
+                out[self.keep] = new
                 return out
-            tensor[keep] = new
+            tensor[self.keep] = new
             return None
+
+        def replacement(self, tensor: torch.Tensor) -> torch.Tensor:
+            """What the kept positions become in this mode."""
+            if self.mode == "zero":
+                return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+            if self.mode == "mean":
+                return self.mean.to(device=tensor.device, dtype=tensor.dtype)
+            if self.mode not in self.saes:
+                raise ValueError(f"unknown splice mode {self.mode!r}")
+            x = tensor[self.keep].float()
+            _, z, x_hat = self.saes[self.mode](x)
+            if self.mode in self.stats:
+                self.stats[self.mode].update(x, x_hat.float(), z.float())
+            return x_hat.to(tensor.dtype)
 
     return SaeSplice()
 

@@ -125,41 +125,16 @@ def browser_data(
     summary: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything the HTML page shows, as plain JSON-able data (also written as feature_browser.json)."""
-    freq, mean = scan.frequency(), scan.mean_when_active()
-    mx = scan.max.cpu()
+    freq, mean, mx = scan.frequency(), scan.mean_when_active(), scan.max.cpu()
     detail = scan.detail_latents(n_detail)
     hists = scan.histograms(detail)
-    decade_of = {i: b for b, members in frequency_bands(freq).items() for i in members}
-
-    def shown(lat: int, examples: list[tuple[int, float]], window: int) -> list[dict[str, Any]]:
-        out = []
-        for row, value in examples:
-            doc, pos, tok = scan.provenance(row)
-            ctx = contexts.context(doc, pos, tok, window, scan.window_acts(lat, row, window))
-            ctx["activation"] = round(value, 4)
-            out.append(ctx)
-        return out
-
+    bands = frequency_bands(freq)
+    decade_of = {i: b for b, members in bands.items() for i in members}
     cards = []
     for lat in detail:
-        top = scan.top(lat, scan.contexts)
-        samples = scan.quantile_samples(lat, {row for row, _ in top})
-        for band in samples:
-            band["contexts"] = shown(lat, band.pop("examples"), scan.window)
-        cards.append(
-            {
-                "latent": lat,
-                "band": band_label(decade_of[lat]),
-                "frequency": float(freq[lat]),
-                "max": float(mx[lat]),
-                "mean": float(mean[lat]),
-                "histogram": hists.get(lat),
-                **promoted.get(lat, {"promoted": [], "suppressed": []}),
-                "contexts": shown(lat, top, scan.window),
-                "samples": samples,
-            }
-        )
-    bands = frequency_bands(freq)
+        card = {"latent": lat, "band": band_label(decade_of[lat]), "frequency": float(freq[lat])}
+        card |= {"max": float(mx[lat]), "mean": float(mean[lat]), "histogram": hists.get(lat)}
+        cards.append(card | promoted.get(lat, {"promoted": [], "suppressed": []}) | examples(scan, contexts, lat))
     data = {
         "summary": summary,
         "scanned_tokens": scan.n_tokens,
@@ -172,11 +147,35 @@ def browser_data(
             "frequency": [float(f) for f in freq],
             "max": [round(float(m), 4) for m in mx],
             "mean": [round(float(m), 4) for m in mean],
-            "contexts": [shown(i, scan.top(i, LIST_CONTEXTS), LIST_WINDOW) for i in range(scan.n_latents)],
+            "contexts": [
+                shown(scan, contexts, i, scan.top(i, LIST_CONTEXTS), LIST_WINDOW) for i in range(scan.n_latents)
+            ],
         },
         "details": cards,
     }
     return _finite(data)
+
+
+def examples(scan: LatentScan, contexts: ContextSource, lat: int) -> dict[str, Any]:
+    """A detailed latent's top contexts and its samples from each quartile of its activations."""
+    top = scan.top(lat, scan.contexts)
+    samples = scan.quantile_samples(lat, {row for row, _ in top})
+    for band in samples:
+        band["contexts"] = shown(scan, contexts, lat, band.pop("examples"), scan.window)
+    return {"contexts": shown(scan, contexts, lat, top, scan.window), "samples": samples}
+
+
+def shown(
+    scan: LatentScan, contexts: ContextSource, lat: int, rows: list[tuple[int, float]], window: int
+) -> list[dict[str, Any]]:
+    """The text around each (row, activation), with the latent's activation on every token of the window."""
+    out = []
+    for row, value in rows:
+        doc, pos, tok = scan.provenance(row)
+        ctx = contexts.context(doc, pos, tok, window, scan.window_acts(lat, row, window))
+        ctx["activation"] = round(value, 4)
+        out.append(ctx)
+    return out
 
 
 def _finite(obj: Any) -> Any:

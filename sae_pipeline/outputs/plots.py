@@ -18,6 +18,12 @@ from sae_pipeline.store.files import atomic_path  # noqa: E402
 
 def plot_training_curves(history: dict[str, Any], path: Path, title: str = "") -> Path:
     """One row of three panels from ``history["steps"]``; held-out FVU drawn as a point when present."""
+    return save_figure(training_curves(history, title), path)
+
+
+def training_curves(history: dict[str, Any], title: str = ""):
+    """The figure of ``plot_training_curves``. Every axis is scaled so that noise does not look like a trend: L0
+    and the dead fraction from 0, loss and FVU over at least a decade."""
     steps = history.get("steps", [])
     tokens = [s["tokens"] for s in steps]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -28,9 +34,12 @@ def plot_training_curves(history: dict[str, Any], path: Path, title: str = "") -
     if holdout and tokens:
         ax.scatter([tokens[-1]], [holdout["fvu"]], color="black", zorder=3, label="held-out FVU")
     ax.set_yscale("log")
+    at_least_a_decade(ax)
     ax.set_title("loss and FVU")
     ax.legend()
-    axes[1].plot(tokens, [s["l0"] for s in steps])
+    l0 = [s["l0"] for s in steps]
+    axes[1].plot(tokens, l0)
+    axes[1].set_ylim(0, 1.1 * max(l0, default=1.0) or 1.0)
     axes[1].set_title("mean L0 (active latents per token)")
     axes[2].plot(tokens, [s["dead_fraction"] for s in steps])
     axes[2].set_ylim(-0.02, 1.02)
@@ -40,7 +49,15 @@ def plot_training_curves(history: dict[str, Any], path: Path, title: str = "") -
         a.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig
+
+
+def at_least_a_decade(ax) -> None:
+    """Widen a log axis that spans less than a factor of ten to one that does, around the same centre."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 10:
+        centre = (lo * hi) ** 0.5
+        ax.set_ylim(centre / 10**0.5, centre * 10**0.5)
 
 
 FVU_PANEL = ("fvu", "held-out FVU")

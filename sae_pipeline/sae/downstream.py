@@ -87,53 +87,68 @@ def downstream(
     """
     if len(conditions) > 1 and conditions[0] != "clean":
         raise ValueError("the first condition must be 'clean'")
-    nll = {c: torch.zeros((), dtype=torch.float64, device=device) for c in conditions}
-    kl = {c: torch.zeros((), dtype=torch.float64, device=device) for c in conditions if c != "clean"}
-    gaps = {c: AblationGap(device) for c in conditions if c in ABLATIONS and "clean" in conditions}
-    seconds = dict.fromkeys(conditions, 0.0)
-    n_pred = n_real = n_kept = 0
+    sums = _Sums(conditions, device)
     for cpu_batch in batches:
-        b = cpu_batch.to(device)
+        sums.add(model, splice, cpu_batch, clock)
+        if progress is not None:
+            progress.update(int(cpu_batch.ids.shape[0]), tokens=cpu_batch.n_real)
+    return sums.result()
+
+
+class _Sums:
+    """What ``downstream`` accumulates over the batches, on the device."""
+
+    def __init__(self, conditions: tuple[str, ...], device: torch.device) -> None:
+        self.conditions, self.device = conditions, device
+        self.nll = {c: torch.zeros((), dtype=torch.float64, device=device) for c in conditions}
+        self.kl = {c: torch.zeros((), dtype=torch.float64, device=device) for c in conditions if c != "clean"}
+        self.gaps = {c: AblationGap(device) for c in conditions if c in ABLATIONS and "clean" in conditions}
+        self.seconds = dict.fromkeys(conditions, 0.0)
+        self.n_pred = self.n_real = self.n_kept = 0
+
+    def add(self, model: torch.nn.Module, splice, cpu_batch: TokenBatch, clock: StageClock | None) -> None:
+        """One batch: a forward per condition, the clean one first."""
+        b = cpu_batch.to(self.device)
         valid = (b.mask[:, :-1] & b.mask[:, 1:]).bool()
         targets = b.ids[:, 1:][valid]
         doc = valid.nonzero()[:, 0]  # the batch row (document) of each prediction
         splice.keep = b.keep
-        clean_lp = clean_nll = None
-        for cond in conditions:
-            _sync(device)
+        clean = None
+        for cond in self.conditions:
+            _sync(self.device)
             t0 = time.perf_counter()
-            with clock.gpu_busy() if clock is not None else _nothing():
+            with clock.gpu_busy() if clock is not None else contextlib.nullcontext():
                 logits = _forward(model, splice, b, "off" if cond == "clean" else cond)
             lp = logits[:, :-1][valid].float().log_softmax(-1)
             token_nll = -lp.gather(1, targets[:, None]).squeeze(1)
-            nll[cond] += token_nll.sum()
+            self.nll[cond] += token_nll.sum()
             if cond == "clean":
-                clean_lp, clean_nll = lp, token_nll
-            elif clean_lp is not None:
-                kl[cond] += F.kl_div(lp, clean_lp, log_target=True, reduction="sum")
-            if cond in gaps:
-                gaps[cond].update(token_nll - clean_nll, doc)
-            _sync(device)
-            seconds[cond] += time.perf_counter() - t0
-        n_pred += int(valid.sum())
-        n_real += cpu_batch.n_real
-        n_kept += int(cpu_batch.keep.sum())
-        if progress is not None:
-            progress.update(int(cpu_batch.ids.shape[0]), tokens=cpu_batch.n_real)
-    if n_pred == 0:
-        raise PipelineError(
-            "the evaluation documents have no next-token predictions (every document is a single "
-            "token); raise EVAL_LIMIT or use another EVAL_DATASET"
+                clean = (lp, token_nll)
+            elif clean is not None:
+                self.kl[cond] += F.kl_div(lp, clean[0], log_target=True, reduction="sum")
+            if cond in self.gaps:
+                self.gaps[cond].update(token_nll - clean[1], doc)
+            _sync(self.device)
+            self.seconds[cond] += time.perf_counter() - t0
+        self.n_pred += int(valid.sum())
+        self.n_real += cpu_batch.n_real
+        self.n_kept += int(cpu_batch.keep.sum())
+
+    def result(self) -> DownstreamResult:
+        if self.n_pred == 0:
+            raise PipelineError(
+                "the evaluation documents have no next-token predictions (every document is a single "
+                "token); raise EVAL_LIMIT or use another EVAL_DATASET"
+            )
+        return DownstreamResult(
+            ce={c: float(v) / self.n_pred for c, v in self.nll.items()},
+            kl={c: float(v) / self.n_pred for c, v in self.kl.items()},
+            n_predictions=self.n_pred,
+            n_real_tokens=self.n_real,
+            n_spliced_tokens=self.n_kept,
+            seconds=self.seconds,
+            gaps={c: g.result() for c, g in self.gaps.items()},
         )
-    return DownstreamResult(
-        ce={c: float(v) / n_pred for c, v in nll.items()},
-        kl={c: float(v) / n_pred for c, v in kl.items()},
-        n_predictions=n_pred,
-        n_real_tokens=n_real,
-        n_spliced_tokens=n_kept,
-        seconds=seconds,
-        gaps={c: g.result() for c, g in gaps.items()},
-    )
 
 
 def _forward(model: torch.nn.Module, splice, b: TokenBatch, mode: str) -> torch.Tensor:
@@ -146,8 +161,3 @@ def _forward(model: torch.nn.Module, splice, b: TokenBatch, mode: str) -> torch.
     if splice.calls == calls:
         raise PipelineError(f"the hook {splice.layer_signature!r} did not fire during the forward pass")
     return logits
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield

@@ -24,7 +24,7 @@ from sae_pipeline.store.activations import ActivationRun
 from sae_pipeline.store.runs import Store
 from tests.helpers import pipeline_env, run_script
 
-STEP1, STEP2 = "01_save_activations.py", "02_train_sae.py"
+STEP1, STEP2, STEP3 = "01_save_activations.py", "02_train_sae.py", "03_evaluate_sae.py"
 SITE2 = "llamaforcausallm_model_layers_2_post_attention_layernorm"
 
 
@@ -141,10 +141,16 @@ CASES = [
     ),
     Case("MODEL_ID-not-an-id", STEP1, {"MODEL_ID": "not a model!"}, expect=("MODEL_ID='not a model!'", "hub id")),
     Case(
-        "MODEL_ID-not-on-hub-offline",
+        "MODEL_ID-not-cached-offline",
         STEP1,
-        {"MODEL_ID": "nobody-xyz/no-such-model-xyz"},
-        expect=("MODEL_ID='nobody-xyz/no-such-model-xyz'", "could not be loaded"),
+        {"MODEL_ID": "nobody-xyz/no-such-model-xyz", "HF_HUB_CACHE": "/nonexistent/hf-cache"},
+        expect=("MODEL_ID='nobody-xyz/no-such-model-xyz'", "not in the local Hugging Face cache", "local model folder"),
+    ),
+    Case(
+        "HF_DATASET-not-cached-offline",
+        STEP1,
+        {"HF_DATASET": "nobody-xyz/no-such-corpus", "HF_HUB_CACHE": "/nonexistent/hf-cache"},
+        expect=("HF_DATASET='nobody-xyz/no-such-corpus'", "not in the local Hugging Face cache", ".jsonl"),
     ),
     Case(
         "HF_DATASET-missing",
@@ -177,7 +183,17 @@ CASES = [
     Case("run_id-escape-step2", STEP2, args=("--run_id", "../escape"), expect=("'../escape'", "not a valid run id")),
     Case("sae_run_id-escape", STEP2, args=("--sae_run_id", "../../x"), expect=("'../../x'", "not a valid run id")),
     Case("RUN_ID-env-escape", STEP1, {"RUN_ID": "/tmp/abs"}, expect=("RUN_ID='/tmp/abs'", "not a valid run id")),
-    Case("run_id.txt-missing", STEP2, setup=_no_pointer, expect=("run_id.txt not found",)),
+    Case(
+        "run_id.txt-missing",
+        STEP2,
+        setup=_no_pointer,
+        expect=("run_id.txt not found", "uv run python 01_save_activations.py", "--run_id <id>"),
+    ),
+    Case(
+        "sae_run_id.txt-missing-step3",
+        STEP3,
+        expect=("sae_run_id.txt not found", "uv run python 02_train_sae.py", "--sae_run_id <id>"),
+    ),
     Case("run_id.txt-empty", STEP2, setup=_pointer("\n"), expect=("run_id.txt is empty",)),
     Case("run_id.txt-ghost", STEP2, setup=_pointer("ghost\n"), expect=("run_id.txt names run 'ghost'",)),
     Case("run_id.txt-escape", STEP2, setup=_pointer("../good\n"), expect=("run_id.txt='../good'", "not a valid")),
@@ -247,6 +263,7 @@ def test_bad_input(outcomes, case: Case):
     res = out.result
     assert res.returncode != 0, f"exit 0\n{res.stderr[-3000:]}"
     assert "Traceback" not in res.stderr + res.stdout, res.stderr[-5000:]
+    assert "Retrying" not in res.stderr and "thrown while requesting" not in res.stderr, res.stderr[-3000:]  # offline
     lines = res.stderr.splitlines()
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, res.stderr[-3000:]

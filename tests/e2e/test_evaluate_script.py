@@ -33,14 +33,16 @@ def _env(model: Path, store: Path) -> dict[str, str]:
 def evaluated(trained_tiny_model, tmp_path_factory):
     store = tmp_path_factory.mktemp("eval_e2e") / "store"
     env = _env(trained_tiny_model, store)
+    results = {}
     for script, args in ((STEP1, ("--run_id", "acts")), (STEP2, ("--sae_run_id", "sae")), (STEP3, ())):
-        res = run_script(script, env, *args)
+        results[script] = res = run_script(script, env, *args)
         assert res.returncode == 0, f"{script}: {res.stderr[-3000:]}"
-    return env, store, res
+    return env, store, results
 
 
 def test_metrics_follow_the_documented_formulas(evaluated):
-    env, store, res = evaluated
+    env, store, results = evaluated
+    res = results[STEP3]
     out = store / "runs" / "sae" / "evaluation"
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     d = m["downstream"]
@@ -70,6 +72,29 @@ def test_metrics_follow_the_documented_formulas(evaluated):
     assert len(browser["latents"]["frequency"]) == m["n_latents"] == 128
     assert 0 < len(browser["details"]) <= 12 and m["browser"]["context_mismatches"] == 0
     assert f"CE-loss recovered {d['ce_loss_recovered']:.4f}" in res.stdout  # the printed summary
+
+
+def test_one_number_per_thing_in_terminal_metrics_and_browser(evaluated):
+    """L0 and the never-fired figure read the same in the terminal, metrics.json and the browser's data, each
+    never-fired figure with the tokens it was counted on; logs (not a terminal here) have no carriage returns."""
+    _, store, results = evaluated
+    out = store / "runs" / "sae" / "evaluation"
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    summary = json.loads((out / "feature_browser.json").read_text(encoding="utf-8"))["summary"]
+    l0, nf = m["reconstruction"]["eval_texts"]["l0"], m["never_fired"]
+    assert summary["reconstruction"]["l0"] == l0 and summary["never_fired"] == nf
+    assert nf["tokens"] == m["browser"]["scanned_tokens"] > 0 and nf["n_latents"] == 128
+    assert nf["latents"] == round(nf["fraction"] * 128)
+    printed = results[STEP3].stdout
+    assert f"L0 {l0:.2f}" in printed
+    assert f"never fired on {nf['tokens']:,} stored tokens: {nf['fraction']:.1%} of 128 latents" in printed
+    assert "never_fired_fraction" not in m["reconstruction"]["eval_texts"]  # one figure in step 3, not three
+    train = json.loads((store / "runs" / "sae" / "meta.json").read_text(encoding="utf-8"))["final_metrics"]["holdout"]
+    held_out = f"never fired on {train['n_tokens']:,} held-out tokens: {train['never_fired_fraction']:.1%}"
+    assert held_out in results[STEP2].stdout  # training's own figure, with its own tokens
+    for script, res in results.items():
+        assert "\r" not in res.stderr, script
+    assert re.search(r"^capture \S+: \d+/\d+ doc \(100\.0%\), [\d,]+ tokens/s, elapsed", results[STEP1].stderr, re.M)
 
 
 def test_feature_browser_renders_in_chromium(evaluated, chromium, tmp_path, tmp_path_factory):

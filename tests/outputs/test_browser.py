@@ -14,9 +14,10 @@ from transformers import AutoTokenizer
 from sae_pipeline.outputs.browser import ContextSource, browser_data, render_html, write_browser
 from sae_pipeline.outputs.plots import plot_firing_frequency
 from sae_pipeline.sae.scan import LatentScan
-from tests.eval_fixtures import artifacts_dir, chromium, console_errors, run_chromium  # noqa: F401  (fixture)
+from tests.eval_fixtures import artifacts_dir, chromium, console_errors, open_page, run_chromium  # noqa: F401
 
 POLISH = "Zażółć gęślą jaźń. Źdźbło trawy </script><b>nie</b> & ćma"
+WHITESPACE_TOKENS = [[" ", 1.4], ["\n", 1.3], ["        ", 1.2], [" the", 1.1], ["\u200b", 0.9], ["\t", 0.8]]
 
 
 def synthetic(n=300, L=20, docs_of=16, seed=0):
@@ -120,7 +121,8 @@ def fake_browser(tok, n_latents=20, detail=6):
     scan.update(z, prov, 0, 300)
     src = ContextSource(None, {"max_length": 16}, tok, texts=[POLISH] * 20)
     promoted = {
-        i: {"promoted": [["ż", 1.5], ["</script>", 1.0]], "suppressed": [["ą", -1.0]]} for i in range(n_latents)
+        i: {"promoted": [["ż", 1.5], ["</script>", 1.0], *WHITESPACE_TOKENS], "suppressed": [["ą", -1.0]]}
+        for i in range(n_latents)
     }
     summary = {
         "sae_run_id": "sae_test",
@@ -130,7 +132,9 @@ def fake_browser(tok, n_latents=20, detail=6):
             "ce_loss_recovered": None,
             "ce_loss_recovered_reason": "zero ablation changes CE by +0.0001 ± 0.0002: within the noise",
         },
-        "reconstruction": {"fvu": 0.3, "never_fired_fraction": 0.1},
+        "reconstruction": {"fvu": 0.3, "l0": 15.98, "n_tokens": 3064},
+        "never_fired": {"fraction": 0.06, "latents": 1, "n_latents": n_latents, "tokens": 36831},
+        "top_k": 16,
     }
     return browser_data(scan, src, promoted, detail, summary)
 
@@ -194,3 +198,36 @@ def test_the_page_renders_in_chromium(tiny_model, chromium, tmp_path, tmp_path_f
     shot = artifacts_dir(tmp_path_factory) / "feature_browser_synthetic.png"
     run_chromium(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", html_path.as_uri())
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_the_page_is_usable_in_chromium(tiny_model, chromium, tmp_path):
+    """Driven as a user would: invisible tokens are visible symbols that stay inside their card, a click anywhere on
+    a row of the list opens that latent's full card, the page says it is English, and L0 and the never-fired figure
+    read as the terminal prints them."""
+    data = fake_browser(AutoTokenizer.from_pretrained(tiny_model))
+    html_path, _ = write_browser(data, tmp_path)
+    with open_page(chromium, tmp_path / "profile", html_path.as_uri()) as page:
+        assert page.evaluate("document.documentElement.lang") == "en"
+        chips = page.evaluate("[...document.querySelectorAll('#cards .tokens code')].map((c) => c.textContent)")
+        assert len(chips) == 6 * (2 + len(WHITESPACE_TOKENS) + 1)
+        assert all(chip.strip() for chip in chips), chips  # no empty box
+        assert {"\u2423", "\u21b5", "\u2423" * 8, "\u2423the", "\\u200b", "\u21e5"} <= set(chips)
+        overflow = page.evaluate(
+            "[...document.querySelectorAll('#cards .latent-card')].flatMap((card) => {"
+            " const edge = card.getBoundingClientRect().right;"
+            " return [...card.querySelectorAll('.tokens code')].filter((c) => c.getBoundingClientRect().right > edge)"
+            "   .map((c) => c.textContent); })"
+        )
+        assert overflow == []
+        summary = page.evaluate("document.getElementById('summary').textContent")
+        assert "15.98" in summary and "never fired (on 36,831 stored tokens)6.0% of 20 latents" in summary
+        detailed = {d["latent"] for d in data["details"]}
+        other = next(i for i in range(20) if i not in detailed and data["latents"]["contexts"][i])
+        page.evaluate(f"document.querySelector('tr[data-latent=\\'{other}\\'] td:nth-child(3)').click()")
+        page.wait_for(f"document.querySelector('#opened-latent[data-latent=\\'{other}\\']') !== null")
+        opened = page.evaluate("document.getElementById('opened-latent').querySelectorAll('.ctx').length")
+        assert opened == len(data["latents"]["contexts"][other])
+        first = data["details"][0]["latent"]
+        page.evaluate(f"document.querySelector('tr[data-latent=\\'{first}\\'] td:nth-child(2)').click()")
+        page.wait_for(f"location.hash === '#latent-{first}'")
+        assert page.errors == []

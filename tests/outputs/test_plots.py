@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from sae_pipeline.outputs.plots import CE_PANEL, FVU_PANEL, plot_sweep_frontier
+from sae_pipeline.outputs.plots import CE_PANEL, FVU_PANEL, plot_sweep_frontier, training_curves
 from sae_pipeline.sae.sweep import seed_groups
 
 
@@ -33,3 +33,24 @@ def test_frontier_has_one_panel_per_metric_and_says_when_ce_is_not_measurable(tm
         return int(((right[..., 2] > 0.6) & (right[..., 0] < 0.4)).sum())
 
     assert blue(two_img) > 200 and blue(empty_img) == 0  # the null case is blank but for its message
+
+
+def test_training_curves_do_not_make_noise_look_like_a_trend():
+    """A TopK L0 wobbling between 15.97 and 16.00 and an FVU between 0.30 and 0.31 are drawn as the flat lines they
+    are: L0 from 0, FVU over at least a decade."""
+    steps = [
+        {
+            "tokens": 1000 * i,
+            "loss": 0.31 - 0.0005 * i,
+            "fvu": 0.30 + 0.0005 * (i % 3),
+            "l0": 16 - 0.01 * (i % 4),
+            "dead_fraction": 0.0,
+        }
+        for i in range(1, 20)
+    ]
+    fig = training_curves({"steps": steps, "holdout": {"fvu": 0.305}})
+    loss_ax, l0_ax, dead_ax = fig.axes
+    assert l0_ax.get_ylim()[0] == 0 and l0_ax.get_ylim()[1] >= 16
+    lo, hi = loss_ax.get_ylim()
+    assert hi / lo >= 10 - 1e-9
+    assert dead_ax.get_ylim() == (-0.02, 1.02)
