@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -265,7 +266,7 @@ def test_usr1_mid_training_requeues_and_resumes(slurm_cluster, tiny_model, job_d
     checkpoint under the same SAE run id and trains exactly as many steps and tokens as an uninterrupted run."""
     store = tmp_path / "store"
     shutil.copytree(reference["store"] / "runs" / "ref_all", store / "runs" / "ref_all")
-    env = base_env(tiny_model, store, RUN_ID="ref_all", EPOCHS="4", BATCH_SIZE_TRAIN="8")
+    env = base_env(tiny_model, store, RUN_ID="ref_all", EPOCHS="4", BATCH_SIZE_TRAIN="8", PROGRESS_EVERY_SECONDS="1")
     job = slurm_cluster.sbatch([TRAIN], cwd=job_dir, env=env)
     # the uninterrupted reference, meanwhile, outside SLURM
     ref = subprocess.Popen(
@@ -277,7 +278,7 @@ def test_usr1_mid_training_requeues_and_resumes(slurm_cluster, tiny_model, job_d
         text=True,
     )
     err_log = job_dir / f"sae_train_{job}.err"
-    wait_for(lambda: err_log.exists() and "tok/s" in err_log.read_text(errors="replace"), 120, "training to start")
+    wait_for(lambda: err_log.exists() and "tokens/s" in err_log.read_text(errors="replace"), 120, "training to start")
     time.sleep(1.0)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job])
     final = slurm_cluster.wait(job, timeout=300)
@@ -287,6 +288,7 @@ def test_usr1_mid_training_requeues_and_resumes(slurm_cluster, tiny_model, job_d
     assert final[job].restarts >= 1
     text = logs(job_dir, f"sae_train_{job}.*")
     assert "requeueing job" in text and "resumed from step" in text
+    assert "\r" not in text and re.search(r"^train \S+: [\d,]+/[\d,]+ tok \(\d+\.\d%\), [\d,]+ tokens/s", text, re.M)
     got, want = read_meta(store, f"sae_saetest_{job}"), read_meta(store, "ref_sae")
     assert (got["total_steps"], got["tokens_trained"]) == (want["total_steps"], want["tokens_trained"])
     history = json.loads((store / "runs" / f"sae_saetest_{job}" / "history.json").read_text())
