@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from sae_pipeline.demo.pipeline import POLISH_EVERY, english_paragraphs, write_corpus
 from sae_pipeline.demo.tiny_model import load_sample_texts
+from tests.helpers import REPO
 
 
 def test_corpus_interleaves_polish_and_english_and_is_written_once(tmp_path):
@@ -18,3 +21,18 @@ def test_corpus_interleaves_polish_and_english_and_is_written_once(tmp_path):
     assert english and all("\n" not in t and "::=" not in t for t in english)  # prose on one line, no grammar
     stamp = path.stat().st_mtime_ns
     assert write_corpus(path) == path and path.stat().st_mtime_ns == stamp
+
+
+def test_the_smollm2_command_prints_its_model_folder(smollm2_model):
+    """`uv run python -m sae_pipeline.demo.smollm2 <folder>` (docs): the folder the session already converted is
+    kept and printed, so a user can point MODEL_ID at it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sae_pipeline.demo.smollm2", str(smollm2_model.parent)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(smollm2_model)
+    assert (smollm2_model / "config.json").is_file()
