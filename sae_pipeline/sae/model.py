@@ -25,7 +25,6 @@ by ``PipelineSae.load``, which unfolds the bias.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from overcomplete import TopKSAE as OvercompleteTopKSAE
 from torch import nn
 
 from sae_pipeline.infra.errors import PipelineError
-from sae_pipeline.store.files import atomic_path
+from sae_pipeline.store.files import atomic_torch_save, load_torch_file
 
 ARCHITECTURES = ("topk", "batchtopk")
 FORMAT = 1
@@ -253,23 +252,3 @@ class PipelineSae(TopKSae):
         self.sae_engine.to(device)
         self.context.device = str(device)
         return self
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def load_torch_file(path: Path) -> dict[str, Any]:
-    """torch.load on CPU with tensors and plain containers only; a missing or corrupted file is named."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path} does not exist") from None
-    except Exception as exc:  # torch raises many types for truncated/garbled files
-        raise PipelineError(f"{path} cannot be read ({type(exc).__name__}); the file is corrupted") from None
-    if not isinstance(obj, dict):
-        raise PipelineError(f"{path} does not hold a dictionary payload; it is not one of this pipeline's files")
-    return obj

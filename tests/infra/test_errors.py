@@ -16,8 +16,8 @@ import torch
 import sae_pipeline.store.files as store_mod
 from sae_pipeline.cli import CAPTURE_RESUME, TRAIN_RESUME, exit_on_error
 from sae_pipeline.infra.errors import PipelineError, StorageError, os_error_of, storage_error
-from sae_pipeline.sae.model import PipelineSae, atomic_torch_save
-from sae_pipeline.store.files import atomic_save_tensors, atomic_write_json, read_json
+from sae_pipeline.sae.model import PipelineSae
+from sae_pipeline.store.files import atomic_save_tensors, atomic_torch_save, atomic_write_json, read_json
 from tests.helpers import small_filesystem
 
 BIG = torch.zeros(256, 1024)  # 1 MiB: more than the small filesystems below hold
