@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from sae_pipeline.infra.errors import PipelineError, StorageError, storage_error
 from sae_pipeline.infra.preemption import StopRequested
-from sae_pipeline.settings import CaptureSettings, CommonSettings, TrainSettings, load_settings
+from sae_pipeline.settings import CaptureSettings, CommonSettings, StreamSettings, TrainSettings, load_settings
 
 # Installed (overcomplete needs them) and imported by transformers whenever installed, yet never used by a text model:
 # torchvision for image and video helpers, scipy for object-detection losses.
@@ -121,13 +121,21 @@ def train_sae_main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         settings = load_settings(TrainSettings)  # before the heavy import: a bad variable fails in a blink
+        streamed = load_settings(StreamSettings)
         prepare_process()
         from sae_pipeline.infra.distributed import Dist
         from sae_pipeline.steps.train import train_sae
 
         dist = Dist.from_env(os.environ)  # the one place that reads torchrun's WORLD_SIZE/RANK/LOCAL_RANK
         try:
-            train_sae(settings, run_id=args.run_id, sae_run_id=args.sae_run_id, dist=dist)
+            if streamed.stream:
+                from sae_pipeline.steps.stream import stream_sae
+
+                if args.run_id:
+                    raise PipelineError("--run_id names an activation run, but STREAM=1 trains without one: drop one")
+                stream_sae(streamed, sae_run_id=args.sae_run_id, dist=dist)
+            else:
+                train_sae(settings, run_id=args.run_id, sae_run_id=args.sae_run_id, dist=dist)
         finally:
             dist.close()
 

@@ -272,6 +272,33 @@ class TrainSettings(CommonSettings):
         return self
 
 
+class StreamSettings(TrainSettings, CaptureSettings):
+    """Variables of step 2 with STREAM=1 (docs/streaming.md): the training variables, plus step 1's that say which
+    model, layers, documents and tokens to run (the forward that step 1 would have stored, done on the fly)."""
+
+    stream: bool = Field(
+        False,
+        description="train from the model's forward instead of an activation run (step 1's variables say what to "
+        "run; nothing is stored); see docs/streaming.md",
+    )
+    stream_buffer_tokens: int = Field(
+        262_144,
+        ge=1,
+        description="STREAM=1: activations (of whole shards, at least one) forwarded and shuffled together; "
+        "memory about 2x this x d_model x STORE_DTYPE's bytes per layer",
+    )
+
+    @model_validator(mode="after")
+    def _array_task(self) -> StreamSettings:
+        """A streaming run splits its sweep over an array (TRAIN_TASK_*), never the dataset."""
+        _array_task(self, "train_task_id", "train_task_count")
+        if self.stream and self.capture_task_id is not None:
+            raise ValueError(
+                "CAPTURE_TASK_ID splits a capture; with STREAM=1 an array splits the sweep (TRAIN_TASK_ID)"
+            )
+        return self
+
+
 def load_settings(cls: type[BaseSettings]) -> BaseSettings:
     """Read ``cls`` from the environment; a bad value becomes one PipelineError line naming the variable."""
     try:

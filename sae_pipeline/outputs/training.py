@@ -40,7 +40,7 @@ def write_outputs(
     extra = {"sae_run_id": run.run_id, "activation_run_id": plan.run.run_id}
     export_saelens(trainer.sae, run.saelens_dir, trainer.spec.layer, plan.act_meta, extra=extra)
     run.write_history(history)
-    plot_training_curves(history, run.curves_path, title=f"{run.run_id} on {plan.run.run_id}")
+    plot_training_curves(history, run.curves_path, title=f"{run.run_id} on {source_name(plan)}")
     run.write_meta(member_record(run, trainer, holdout, job, state, timing))
     print(summary(run, trainer, holdout, job, state, timing))
 
@@ -78,6 +78,13 @@ def member_record(
     }
 
 
+def source_name(plan: SweepPlan) -> str:
+    """What the SAEs trained on, in words: an activation run, or a model's forward (STREAM=1)."""
+    if plan.run.run_id is None:
+        return f"{plan.act_meta.get('model_id')}'s forward (streamed)"
+    return f"activation run {plan.run.run_id}"
+
+
 def training_seconds(timing: dict[str, Any]) -> float:
     return timing["wall_s"] - timing["stages_s"]["evaluate"]  # the loop, checkpoints included
 
@@ -85,11 +92,11 @@ def training_seconds(timing: dict[str, Any]) -> float:
 def summary(
     run: TrainingRun, trainer: Trainer, holdout: dict[str, Any], job: TrainJob, state: LoopState, timing: dict
 ) -> str:
-    spec, act_run = trainer.spec, job.plan.run.run_id
+    spec, act_run = trainer.spec, source_name(job.plan)
     rate = state.tokens / max(training_seconds(timing), 1e-9)
     return (
         f"Trained SAE {run.run_id}: {spec.architecture}, {spec.n_latents} latents, k={spec.top_k}, layer "
-        f"{spec.layer.signature} of activation run {act_run}; {state.step} steps, {job.settings.epochs} epochs, "
+        f"{spec.layer.signature} of {act_run}; {state.step} steps, {job.settings.epochs} epochs, "
         f"{state.tokens:,} tokens at {rate:,.0f} tokens/s on {job.device} ({StageClock.describe(timing)}). "
         f"Held-out: FVU {holdout['fvu']:.4f}, {describe_l0(holdout['l0'], spec.top_k, spec.architecture)}, "
         f"{describe_never_fired(holdout['never_fired_fraction'], holdout['n_tokens'], 'held-out', spec.n_latents)}, "

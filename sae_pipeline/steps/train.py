@@ -65,10 +65,16 @@ def train_sae(
     """Train (or resume) the SAEs the settings describe; returns the folder of the one SAE, or of the sweep.
     ``dist``: this process's place in a torchrun launch (default: the only process)."""
     dist = dist or Dist()
-    plan = plan_sweep(settings, run_id, sae_run_id)
+    return train_planned(plan_sweep(settings, run_id, sae_run_id), dist, stop)
+
+
+def train_planned(plan: SweepPlan, dist: Dist, stop: StopFlag | None = None, loaders=None) -> Path:
+    """``train_sae`` once the sweep is planned; ``loaders(plan, device, dist)`` gives each layer's loader (default:
+    ``open_loaders``, the activation run's; streaming passes its own, steps/stream.py)."""
+    settings = plan.settings
     if nothing_to_do(plan, dist):
         return plan.folder
-    job = TrainJob.open(plan, dist)
+    job = TrainJob.open(plan, dist, loaders or open_loaders)
     state = job.start()
     stop = stop or StopFlag().install()
     wandb = [
@@ -118,10 +124,10 @@ class TrainJob:
     clock: StageClock
 
     @classmethod
-    def open(cls, plan: SweepPlan, dist: Dist) -> TrainJob:
+    def open(cls, plan: SweepPlan, dist: Dist, loaders_of: Callable | None = None) -> TrainJob:
         settings = plan.settings
         device = dist.device(settings.device)
-        loaders = open_loaders(plan, device, dist)
+        loaders = (loaders_of or open_loaders)(plan, device, dist)
         check_memory(plan, loaders, device, dist.world_size)
         dist.init(device)
         dist.barrier()  # every rank has looked at the run folders before rank 0 writes into them
