@@ -126,7 +126,7 @@ class EvalJob:
         if sweep is not None:
             sweep.check_trained(runs)
         metas = [run.open() for run in runs]
-        act_run = ActivationRun(store, metas[0]["activation_run_id"])
+        act_run = ActivationRun(store, activation_run_of(settings, metas[0], sae_run_id))
         act_meta = act_run.open()
         texts, source = eval_texts(settings, act_meta)
         store.ensure_writable()
@@ -148,6 +148,22 @@ class EvalJob:
         for m in self.members:
             by_layer.setdefault(m.layer, []).append(m)
         return by_layer
+
+
+def activation_run_of(settings: EvalSettings, meta: dict[str, Any], sae_run_id: str) -> str:
+    """The activation run the SAEs trained on; for SAEs streamed without one (STREAM=1), the capture RUN_ID names:
+    step 3 reads stored activations (mean ablation, feature browser, held-out slice), a small capture of the same
+    model and layers is enough."""
+    if meta.get("activation_run_id") is not None:
+        return meta["activation_run_id"]
+    if settings.run_id is None:
+        raise PipelineError(
+            f"{sae_run_id!r} was trained by streaming (STREAM=1), without an activation run, but step 3 reads stored "
+            "activations (mean ablation, feature browser): capture a small run of the same MODEL_ID and LAYER_NUM "
+            "with 01_save_activations.py (e.g. DATA_LIMIT=2000; EVAL_DATASET for documents it never trained on) "
+            "and rerun with RUN_ID=<its run id>"
+        )
+    return settings.run_id
 
 
 def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:
