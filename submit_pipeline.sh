@@ -16,6 +16,12 @@
 # if capture fails, training is cancelled instead of pending forever. If submit_evaluate_sae.sh exists, it is
 # chained after training (all of its tasks) the same way. Prints run_id=, sae_run_id=, capture_job=, train_job=
 # (and eval_job=) lines.
+#
+#   STREAM=1 LAYER_NUM=8,16 TOP_K=16,32 ./submit_pipeline.sh
+#                                                            # no full capture: training streams from the model;
+#                                                            # a small capture (EVAL_CAPTURE_LIMIT documents,
+#                                                            # default 2000) runs beside it for step 3, which
+#                                                            # starts after both (docs/streaming.md)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -57,16 +63,25 @@ submit() {  # prints the job id
     printf '%s\n' "${out%%;*}"
 }
 
-capture_job=$(submit "${capture_args[@]+"${capture_args[@]}"}" "$PIPELINE_DIR/submit_save_activations.sh")
-train_job=$(submit --dependency="afterok:$capture_job" --kill-on-invalid-dep=yes \
-    "${train_args[@]+"${train_args[@]}"}" "$PIPELINE_DIR/submit_train_sae.sh")
+if [ "${STREAM:-0}" = 1 ] || [ "${STREAM:-}" = true ]; then
+    # streaming: training needs no capture; step 3 reads a small one (docs/streaming.md), captured meanwhile
+    capture_job=$(submit --export="ALL,DATA_LIMIT=${EVAL_CAPTURE_LIMIT:-2000}" \
+        "${capture_args[@]+"${capture_args[@]}"}" "$PIPELINE_DIR/submit_save_activations.sh")
+    train_job=$(submit "${train_args[@]+"${train_args[@]}"}" "$PIPELINE_DIR/submit_train_sae.sh")
+    trained="$train_job:$capture_job"  # what evaluation waits for
+else
+    capture_job=$(submit "${capture_args[@]+"${capture_args[@]}"}" "$PIPELINE_DIR/submit_save_activations.sh")
+    train_job=$(submit --dependency="afterok:$capture_job" --kill-on-invalid-dep=yes \
+        "${train_args[@]+"${train_args[@]}"}" "$PIPELINE_DIR/submit_train_sae.sh")
+    trained=$train_job
+fi
 
 echo "run_id=$RUN_ID"
 echo "sae_run_id=$SAE_RUN_ID"
 echo "capture_job=$capture_job"
 echo "train_job=$train_job"
 if [ -f "$PIPELINE_DIR/submit_evaluate_sae.sh" ]; then
-    eval_job=$(submit --dependency="afterok:$train_job" --kill-on-invalid-dep=yes \
+    eval_job=$(submit --dependency="afterok:$trained" --kill-on-invalid-dep=yes \
         "$PIPELINE_DIR/submit_evaluate_sae.sh")
     echo "eval_job=$eval_job"
 fi

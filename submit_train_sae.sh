@@ -21,6 +21,8 @@
 #                                                         # the same sweep split over 3 tasks: task t trains
 #                                                         # SAEs t, t+3, ... of the grid (2 each here)
 #   sbatch --dependency=afterok:<capture job> submit_train_sae.sh   # or use submit_pipeline.sh
+#   STREAM=1 LAYER_NUM=8,16 sbatch submit_train_sae.sh   # no activation run: the model runs in this job, on its
+#                                                         # GPU, with step 1's variables (docs/streaming.md)
 #
 # Wrapper variables: PIPELINE_DIR, VENV, SAE_MODULES (as in submit_save_activations.sh). SAE_RUN_ID defaults to
 # sae_<cluster>_<job id> (an array's job id for all of its tasks), which survives a requeue, so a preempted
@@ -44,10 +46,20 @@ done
 : "${DEVICE:=cuda}"
 : "${SAE_RUN_ID:=sae_${SLURM_CLUSTER_NAME:-slurm}_${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-$(date +%Y%m%d_%H%M%S)}}}"
 export EPOCHS BATCH_SIZE_TRAIN N_LATENTS_MULTIPLIER TOP_K DEVICE SAE_RUN_ID
+source="activation run: ${RUN_ID:-from $STORE_DIR/run_id.txt}"
+if [ "${STREAM:-0}" = 1 ] || [ "${STREAM:-}" = true ]; then
+    # Streaming forwards the model here (the GPU and the 64G above hold Bielik-1.5B and the SAEs): step 1's
+    # defaults (submit_save_activations.sh) say what to forward.
+    : "${DATA_LIMIT:=100000}"
+    : "${BATCH_SIZE_SAVE:=32}"
+    : "${LAYER_NUM:=16}"
+    export DATA_LIMIT BATCH_SIZE_SAVE LAYER_NUM
+    source="streamed from ${MODEL_ID:-the default model} over ${HF_DATASET:-the default dataset} (DATA_LIMIT=$DATA_LIMIT)"
+fi
 
 sae_load_modules
 sae_setup_python
 sae_default_store
-sae_log "store: $STORE_DIR, activation run: ${RUN_ID:-from $STORE_DIR/run_id.txt}, SAE run: $SAE_RUN_ID" \
+sae_log "store: $STORE_DIR, $source, SAE run: $SAE_RUN_ID" \
     "(TOP_K=$TOP_K${SEED:+, SEED=$SEED}${LAYER_NUM:+, LAYER_NUM=$LAYER_NUM})"
 sae_run_step "step 2 (train SAE)" 02_train_sae.py --sae_run_id "$SAE_RUN_ID"

@@ -23,7 +23,13 @@ from pydantic.fields import FieldInfo
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a file: the package is importable without installing the project
 
-from sae_pipeline.settings import CaptureSettings, CommonSettings, EvalSettings, TrainSettings  # noqa: E402
+from sae_pipeline.settings import (  # noqa: E402
+    CaptureSettings,
+    CommonSettings,
+    EvalSettings,
+    StreamSettings,
+    TrainSettings,
+)
 
 PAGE = REPO / "docs" / "configuration.md"
 COMMAND = "uv run python scripts/configuration_doc.py"
@@ -59,6 +65,12 @@ SECTIONS = [
         TrainSettings,
         "Step 2: `02_train_sae.py`",
         "How these enter training: [training](training.md); lists: [sweeps](sweeps.md).",
+    ),
+    (
+        StreamSettings,
+        "Step 2 with `STREAM=1`: training from the model's forward",
+        "With `STREAM=1` step 2 also reads step 1's variables (model, dataset, layers, lengths, batch sizes) and runs "
+        "the model itself; nothing is stored: [streaming](streaming.md).",
     ),
     (
         EvalSettings,

@@ -128,7 +128,7 @@ class EvalJob:
         metas = [run.open() for run in runs]
         act_run = ActivationRun(store, activation_run_of(settings, metas[0], sae_run_id))
         act_meta = act_run.open()
-        texts, source = eval_texts(settings, act_meta)
+        texts, source = eval_texts(settings, {**act_meta, **documents_of(metas[0])})
         store.ensure_writable()
         members = load_members(runs, metas, act_run, act_meta, clock.device)
         model_id = settings.model_id if "model_id" in settings.model_fields_set else act_meta["model_id"]
@@ -160,10 +160,16 @@ def activation_run_of(settings: EvalSettings, meta: dict[str, Any], sae_run_id: 
         raise PipelineError(
             f"{sae_run_id!r} was trained by streaming (STREAM=1), without an activation run, but step 3 reads stored "
             "activations (mean ablation, feature browser): capture a small run of the same MODEL_ID and LAYER_NUM "
-            "with 01_save_activations.py (e.g. DATA_LIMIT=2000; EVAL_DATASET for documents it never trained on) "
-            "and rerun with RUN_ID=<its run id>"
+            "with 01_save_activations.py (e.g. DATA_LIMIT=2000) and rerun with RUN_ID=<its run id>"
         )
     return settings.run_id
+
+
+def documents_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """A streamed SAE's dataset (its held-out documents come after the rows it streamed, not after those of the
+    small capture step 3 reads); nothing for an SAE trained on its activation run."""
+    streamed = meta.get("streamed")
+    return {"dataset": streamed["dataset"]} if streamed else {}
 
 
 def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:

@@ -361,3 +361,23 @@ def test_pipeline_with_a_sweep_array(slurm_cluster, tiny_model, job_dir, tmp_pat
     for member in report["members"]:
         assert (store / "runs" / member["sae_run_id"] / "evaluation" / "metrics.json").is_file()
     assert f"Evaluated sweep {sweep_id}: 4 SAEs at 2 layer(s)" in logs(job_dir, f"sae_eval_{evaluation}.out")
+
+
+def test_streamed_pipeline_trains_without_a_capture_then_evaluates(slurm_cluster, tiny_model, job_dir, tmp_path):
+    """STREAM=1 submit_pipeline.sh: training starts at once (no capture to wait for), a small capture for step 3
+    runs beside it, evaluation waits for both."""
+    store = tmp_path / "store"
+    env = base_env(tiny_model, store, STREAM="1", EVAL_CAPTURE_LIMIT="50", EPOCHS="1")
+    ids = submit_pipeline(slurm_cluster, [], job_dir, env)
+    cap, train, evaluation = ids["capture_job"], ids["train_job"], ids["eval_job"]
+    assert "afterok" not in (slurm_cluster.job(train)[0].raw.get("Dependency") or "")
+    waits = slurm_cluster.job(evaluation)[0].raw["Dependency"]
+    assert f"afterok:{train}" in waits and f"afterok:{cap}" in waits, waits
+    final = slurm_cluster.wait([cap, train, evaluation], timeout=400)
+    assert_completed(slurm_cluster, final, job_dir)
+    assert read_meta(store, ids["run_id"])["n_documents"] == 50  # the small capture, not the training's 200
+    sae = read_meta(store, ids["sae_run_id"])
+    assert sae["activation_run_id"] is None and sae["streamed"]["dataset"]["limit"] == 200
+    assert "streamed from" in logs(job_dir, f"sae_train_{train}.*")
+    metrics = json.loads((store / "runs" / ids["sae_run_id"] / "evaluation" / "metrics.json").read_text())
+    assert metrics["activation_run_id"] == ids["run_id"]

@@ -142,6 +142,7 @@ def test_step_3_evaluates_a_streamed_sae_with_a_small_capture_named_by_run_id(ca
     out = evaluate_sae(settings, "sw.L2.k8.x2.topk.s42")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["activation_run_id"] == "acts"
+    assert metrics["eval_data"]["rows"][0] == 90  # after the streamed rows (STREAM's DATA_LIMIT)
     recon = metrics["reconstruction"]["eval_texts"]
     assert 0 < recon["fvu"] < 1 and recon["l0"] == pytest.approx(8.0)
     assert metrics["downstream"]["n_spliced_tokens"] > 0 and (out / "feature_browser.html").is_file()
