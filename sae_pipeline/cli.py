@@ -121,14 +121,14 @@ def train_sae_main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         settings = load_settings(TrainSettings)  # before the heavy import: a bad variable fails in a blink
-        streamed = load_settings(StreamSettings)
+        streamed = load_settings(StreamSettings) if settings.stream else None  # step 1's variables too
         prepare_process()
         from sae_pipeline.infra.distributed import Dist
         from sae_pipeline.steps.train import train_sae
 
         dist = Dist.from_env(os.environ)  # the one place that reads torchrun's WORLD_SIZE/RANK/LOCAL_RANK
         try:
-            if streamed.stream:
+            if streamed is not None:
                 from sae_pipeline.steps.stream import stream_sae
 
                 if args.run_id:

@@ -255,6 +255,11 @@ class TrainSettings(CommonSettings):
     train_task_count: int | None = Field(
         None, ge=1, description="number of tasks T the sweep is split into (default: the array's task count)"
     )
+    stream: bool = Field(
+        False,
+        description="train from the model's forward instead of an activation run (step 1's variables say what to "
+        "run; nothing is stored); see docs/streaming.md",
+    )
 
     @model_validator(mode="after")
     def _array_task(self) -> TrainSettings:
@@ -276,11 +281,6 @@ class StreamSettings(TrainSettings, CaptureSettings):
     """Variables of step 2 with STREAM=1 (docs/streaming.md): the training variables, plus step 1's that say which
     model, layers, documents and tokens to run (the forward that step 1 would have stored, done on the fly)."""
 
-    stream: bool = Field(
-        False,
-        description="train from the model's forward instead of an activation run (step 1's variables say what to "
-        "run; nothing is stored); see docs/streaming.md",
-    )
     stream_buffer_tokens: int = Field(
         262_144,
         ge=1,

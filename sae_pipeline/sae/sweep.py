@@ -228,6 +228,7 @@ RESUME_MAY_CHANGE = {
     "layer_num",
     "train_task_id",
     "train_task_count",
+    "stream",  # a cached run's config never holds it; a streamed one's holds its own source (steps/stream.py)
 }
 
 

@@ -42,7 +42,7 @@ from sae_pipeline.store.activations import ActivationRun
 from sae_pipeline.store.runs import Store, new_run_id, validate_run_id
 
 # With STREAM=1 the model and layers define the training tokens: a resume must not change them.
-STREAM_MAY_CHANGE = RESUME_MAY_CHANGE - {"model_id", "model_dtype", "layer_num"}
+STREAM_MAY_CHANGE = RESUME_MAY_CHANGE - {"model_id", "model_dtype", "layer_num", "stream"}
 FORWARD_BYTES_PER_TOKEN_AND_WIDTH = 16  # float32 hidden states alive in a truncated forward, per token and d_model
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sae_pipeline.infra.errors import PipelineError
+from sae_pipeline.infra.preemption import StopRequested
 from sae_pipeline.settings import CaptureSettings, EvalSettings, StreamSettings, TrainSettings
 from sae_pipeline.steps.capture import save_activations
 from sae_pipeline.steps.evaluate import evaluate_sae
@@ -146,3 +147,40 @@ def test_step_3_evaluates_a_streamed_sae_with_a_small_capture_named_by_run_id(ca
     recon = metrics["reconstruction"]["eval_texts"]
     assert 0 < recon["fvu"] < 1 and recon["l0"] == pytest.approx(8.0)
     assert metrics["downstream"]["n_spliced_tokens"] > 0 and (out / "feature_browser.html").is_file()
+
+
+class _StopAfter:
+    """A stop flag raised after ``n`` checks: SIGUSR1 at a chosen step."""
+
+    signal_name = "SIGUSR1"
+
+    def __init__(self, n: int):
+        self.left = n
+
+    @property
+    def requested(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_in_one_line(tiny_model, tmp_path):
+    settings = _stream_settings(tiny_model, tmp_path, top_k="4", layer_num="1", epochs=1)
+    with pytest.raises(StopRequested):
+        stream_sae(settings, "ws", stop=_StopAfter(2))
+    commit = tmp_path / "runs" / "ws" / "checkpoint.json"
+    commit.write_text(json.dumps({**json.loads(commit.read_text()), "world_size": 2}))
+    with pytest.raises(PipelineError, match="checkpointed by 2 training process.*now 1.*torchrun") as err:
+        stream_sae(settings, "ws")
+    assert "\n" not in str(err.value)
+
+
+def test_the_memory_estimate_counts_the_stream_buffer(tiny_model, tmp_path):
+    """Two shuffle groups of STREAM_BUFFER_TOKENS per layer, plus the shards kept for the other layers."""
+    sizes = {}
+    for buffer in (1200, 2400):
+        settings = _stream_settings(tiny_model, tmp_path, stream_buffer_tokens=buffer)
+        source = open_source(settings, torch.device("cpu"))
+        loaders = open_stream_loaders(plan_stream(settings, source, f"b{buffer}"), torch.device("cpu"), _one_process())
+        sizes[buffer] = sum(loader.host_bytes() for loader in loaders.values())
+        assert all(loader.host_bytes() >= 2 * buffer * 64 * 2 for loader in loaders.values())  # bf16, d_model 64
+    assert sizes[2400] - sizes[1200] >= 2 * 2 * 1200 * 64 * 2  # two layers, two groups each
