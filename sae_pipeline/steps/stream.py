@@ -141,14 +141,21 @@ class StreamLoader(TokenLoader):
     run: StreamedRun
 
     def sample(self, n: int) -> torch.Tensor:
-        """TokenLoader.sample's tokens, forwarding no group beyond the ones they come from."""
+        """TokenLoader.sample's tokens, forwarding no group beyond the ones they come from; the groups are kept for
+        the first epoch, which starts with them (a forward, not two)."""
         parts, got = [], 0
+        self._kept: dict[tuple[int, int], torch.Tensor] = {}
         for g, group in enumerate(self.groups(0)):
-            parts.append(self._load_group(0, g, group)[: n - got])
+            self._kept[0, g] = self._load_group(0, g, group)
+            parts.append(self._kept[0, g][: n - got])
             got += parts[-1].shape[0]
             if got >= n:
                 break
         return torch.cat(parts)
+
+    def _load_group(self, epoch: int, g: int, group) -> torch.Tensor:
+        kept = getattr(self, "_kept", {}).pop((epoch, g), None)
+        return kept if kept is not None else super()._load_group(epoch, g, group)
 
     def iter_holdout(self, batch_size: int) -> Iterator[torch.Tensor]:
         for shard in self.shards[self.rank :: self.world_size]:
