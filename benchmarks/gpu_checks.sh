@@ -12,6 +12,8 @@
 #    batches delivered to the GPU (pinned groups, large copies on a side stream).
 # 4. A sweep of 3 SAEs (k 16, 32, 64) at the same shape in one pass: tokens/s of the pass, GPU busy, peak memory.
 # 5. Capture on a real trained Llama (SmolLM2-135M-Instruct, layer 15 of 30), bf16, against the bare forward.
+# 6. Streaming (STREAM=1) at Bielik-1.5B's shape, layer 16, 1 and 2 epochs: tokens/s against capture + training
+#    in series, and the forward's share of the streamed run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SAE_PYTHON:-}" ]; then read -r -a PY <<<"$SAE_PYTHON"
@@ -38,3 +40,5 @@ DEVICE=cuda STORE_DIR="$WORK/train" RUN_ID=speed_d1536_n2000000 TOP_K=16,32,64 E
     2>&1 | grep "Trained"
 "${PY[@]}" "${CAPTURE[@]}" --smollm2 --models "$WORK/models" --batch-tokens 65536 --docs-per-shard 4096 \
     --small 1024 --large 4096 2>"$WORK/capture_smollm2.err" || { tail -n 30 "$WORK/capture_smollm2.err"; exit 1; }
+"${PY[@]}" benchmarks/stream_speed.py --device cuda --bielik-shape --layer 16 --docs 8192 --epochs 1,2 --repeats 1 \
+    2>"$WORK/stream.err" || { tail -n 30 "$WORK/stream.err"; exit 1; }

@@ -5,6 +5,7 @@ what step 3 needs. Kills and resumes of the real script: tests/e2e/test_stream_r
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import Counter
 
 import pytest
@@ -20,9 +21,10 @@ from sae_pipeline.steps.train import train_sae
 from sae_pipeline.store.activations import ActivationRun
 from sae_pipeline.store.runs import RUN_ID_FILE, SAE_RUN_ID_FILE, Store
 from sae_pipeline.store.training import training_runs
-from tests.helpers import SAMPLE, small_filesystem
+from tests.helpers import REPO, SAMPLE, small_filesystem, train_env
 from tests.sae_fixtures import RUN_FOLDER
 from tests.steps.test_train import assert_same_model
+from tests.steps.test_train_distributed import _torchrun
 
 CAPTURE = dict(
     hf_dataset=str(SAMPLE),
@@ -184,3 +186,22 @@ def test_the_memory_estimate_counts_the_stream_buffer(tiny_model, tmp_path):
         sizes[buffer] = sum(loader.host_bytes() for loader in loaders.values())
         assert all(loader.host_bytes() >= 2 * buffer * 64 * 2 for loader in loaders.values())  # bf16, d_model 64
     assert sizes[2400] - sizes[1200] >= 2 * 2 * 1200 * 64 * 2  # two layers, two groups each
+
+
+def test_two_processes_each_forward_their_own_documents_and_follow_the_one_process_run(tiny_model, tmp_path):
+    """torchrun, gloo on CPU: rank 0 forwards fewer shards than one process does, the steps and tokens are the same,
+    and the curves agree within the seed noise test_train_distributed.py measured (0.03)."""
+    env = train_env(tmp_path, {}, STREAM="1", MODEL_ID=str(tiny_model), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    values = {**CAPTURE, **TRAIN, "top_k": "4", "layer_num": "1", "data_limit": 300, "stream_buffer_tokens": BUFFER}
+    env.update({k.upper(): str(v) for k, v in values.items()})
+    done = subprocess.run(_torchrun("two"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stream_sae(_stream_settings(tiny_model, tmp_path, **values), "one")
+    one, two = (json.loads((tmp_path / "runs" / i / "meta.json").read_text()) for i in ("one", "two"))
+    assert two["processes"] == 2 and two["tokens_trained"] == one["tokens_trained"]
+    assert two["streamed"]["shards_forwarded_by_this_process"] < one["streamed"]["shards_forwarded_by_this_process"]
+    h1, h2 = (json.loads((tmp_path / "runs" / i / "history.json").read_text()) for i in ("one", "two"))
+    assert [e["tokens"] for e in h2["steps"]] == [e["tokens"] for e in h1["steps"]]
+    for a, b in zip(h1["steps"], h2["steps"]):
+        assert b["fvu"] == pytest.approx(a["fvu"], abs=0.03), (a["step"], a["fvu"], b["fvu"])
+    assert h2["holdout"]["n_tokens"] == h1["holdout"]["n_tokens"]
