@@ -206,3 +206,15 @@ def test_two_processes_each_forward_their_own_documents_and_follow_the_one_proce
         assert b["fvu"] == pytest.approx(a["fvu"], abs=0.03), (a["epoch"], a["fvu"], b["fvu"])
     assert h2["holdout"]["n_tokens"] == h1["holdout"]["n_tokens"]  # both ranks' held-out shares, merged
     assert h2["holdout"]["fvu"] == pytest.approx(h1["holdout"]["fvu"], abs=0.03)
+
+
+def test_an_activation_run_id_with_stream_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    from sae_pipeline.cli import train_sae_main
+
+    monkeypatch.setenv("STREAM", "1")
+    monkeypatch.setenv("STORE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        train_sae_main(["--run_id", "acts"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: --run_id names an activation run") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
