@@ -117,8 +117,11 @@ class TokenLoader:
             )
         self.rank, self.world_size, self.local_batch = rank, world_size, batch_size // world_size
         full, rem = divmod(self.n_train, batch_size)
-        last = rem if rem >= world_size else 0  # the last partial step needs a token per rank (else dropped)
-        self.steps_per_epoch = full + (last > 0)  # = ceil(n_train / batch_size) with one process
+        # A remainder under half a batch joins the epoch's last full step: a step of a few tokens has almost no
+        # variance to normalise its FVU by. A larger one is a step of its own if every rank gets a token.
+        self.fold_last = full > 0 and 0 < rem < batch_size // 2
+        last = rem if self.fold_last or rem >= world_size else 0
+        self.steps_per_epoch = full + (last > 0 and not self.fold_last)
         if self.steps_per_epoch == 0:
             raise PipelineError(
                 f"activation run {run.run_id!r} has {self.n_train} training tokens: fewer than the "
@@ -189,10 +192,12 @@ class TokenLoader:
     def iter_epoch(self, epoch: int, start_step: int = 0, device: torch.device | None = None) -> Iterator[torch.Tensor]:
         """Batches ``start_step``.. of ``epoch`` (this rank's part of each step, BATCH_SIZE_TRAIN / world_size
         tokens), on ``device`` when it is a GPU (else on the CPU, in the stored dtype)."""
+        if start_step >= self.steps_per_epoch:
+            return iter(())
         blocks = self._shuffled_groups(epoch, start_step * self.local_batch)
         if device is not None and device.type == "cuda":
             blocks = to_device(blocks, device, DEVICE_CHUNK_BATCHES * self.local_batch)
-        return rebatch(blocks, self.local_batch)
+        return rebatch(blocks, self.local_batch, fold_last=self.fold_last)
 
     def _shuffled_groups(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
         """The epoch's permuted groups, less the first ``skip`` tokens (already trained on: whole leading groups
@@ -235,11 +240,13 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def rebatch(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive blocks of tokens cut into batches of ``batch_size`` (the last one may be shorter); a batch that
-    spans two blocks is concatenated, every other one is a view."""
+def rebatch(blocks: Iterator[torch.Tensor], batch_size: int, fold_last: bool = False) -> Iterator[torch.Tensor]:
+    """Consecutive blocks of tokens cut into batches of ``batch_size``; a batch that spans two blocks is
+    concatenated, every other one is a view. The remainder is a shorter last batch, or with ``fold_last`` is
+    appended to the batch before it."""
     pending: list[torch.Tensor] = []
     pending_n = 0
+    held: torch.Tensor | None = None  # with fold_last, the latest full batch waits to see if a remainder follows
     for tokens in blocks:
         while tokens.shape[0]:
             take = min(batch_size - pending_n, tokens.shape[0])
@@ -247,9 +254,17 @@ def rebatch(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.T
             pending_n += take
             tokens = tokens[take:]
             if pending_n == batch_size:
-                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                batch = pending[0] if len(pending) == 1 else torch.cat(pending)
                 pending, pending_n = [], 0
-    if pending_n:
+                if not fold_last:
+                    yield batch
+                    continue
+                if held is not None:
+                    yield held
+                held = batch
+    if held is not None:
+        yield torch.cat([held, *pending]) if pending_n else held
+    elif pending_n:
         yield torch.cat(pending)
 
 

@@ -59,6 +59,22 @@ def test_seed_reproduces_and_another_seed_differs(run):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_remainder_of_a_few_tokens_joins_the_last_step_on_every_rank(run, world):
+    """A step of one token would have no variance to normalise its FVU by (the SAE's weights would go NaN)."""
+    n_train = _loader(run).n_train
+    batch = 2 * ((n_train - 1) // 4)  # two full steps, then 1 to 4 tokens
+    for rank in range(world):
+        loader = TokenLoader(run, LAYER, 8, batch, 0.1, 0, 1500, rank, world)
+        batches = list(loader.iter_epoch(0))
+        assert loader.steps_per_epoch == len(batches) == 2
+        assert batches[0].shape[0] == batch // world < batches[1].shape[0] <= (batch + 4) // world
+        rest = list(loader.iter_epoch(0, start_step=1))
+        assert len(rest) == 1 and torch.equal(rest[0], batches[1])
+    every_rank = [TokenLoader(run, LAYER, 8, batch, 0.1, 0, 1500, r, world).iter_epoch(0) for r in range(world)]
+    assert sum(_ids(list(b)).numel() for b in every_rank) == n_train
+
+
 # (shard sizes, SHUFFLE_BUFFER_TOKENS, batch, world size): a smaller last group, one shard per group, several shards
 # per group, groups of each rank's range; batches that do and do not divide the groups
 RESUME_LAYOUTS = {
