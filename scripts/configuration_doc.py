@@ -23,7 +23,13 @@ from pydantic.fields import FieldInfo
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a file: the package is importable without installing the project
 
-from sae_pipeline.settings import CaptureSettings, CommonSettings, EvalSettings, TrainSettings  # noqa: E402
+from sae_pipeline.settings import (  # noqa: E402
+    CaptureSettings,
+    CommonSettings,
+    EvalSettings,
+    InterpretSettings,
+    TrainSettings,
+)
 
 PAGE = REPO / "docs" / "configuration.md"
 COMMAND = "uv run python scripts/configuration_doc.py"
@@ -64,6 +70,11 @@ SECTIONS = [
         EvalSettings,
         "Step 3: `03_evaluate_sae.py`",
         "What is measured: [evaluation](evaluation.md); the feature browser: [interpretation](interpretation.md).",
+    ),
+    (
+        InterpretSettings,
+        "Step 4: `04_interpret_sae.py`",
+        "Explanations and their scores: [interpretation](interpretation.md#step-4-explanations-and-scores).",
     ),
 ]
 
