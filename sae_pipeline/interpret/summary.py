@@ -102,6 +102,15 @@ def interpretation_of(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def interpretation_for_browser(run) -> dict[str, Any]:
+    """``{"interpretation": ...}`` for step 3's browser data when step 4 wrote rows for this SAE, else {}."""
+    from sae_pipeline.interpret.io import InterpretationFolder
+
+    folder = InterpretationFolder(run.dir)
+    rows = folder.latents.rows() if folder.exists() else []
+    return {"interpretation": interpretation_of(rows)} if rows else {}
+
+
 def refresh_browser(run, rows: list[dict[str, Any]]) -> Path | None:
     """Step 3's feature browser of this SAE, when there is one, rewritten with the explanations and scores."""
     from sae_pipeline.outputs.browser import write_browser

@@ -45,7 +45,7 @@ from sae_pipeline.interpret.examples import (
 from sae_pipeline.interpret.explainer import explainer_prompt, parse_explanation
 from sae_pipeline.interpret.io import InterpretationFolder
 from sae_pipeline.interpret.prompts import delphi_prompts
-from sae_pipeline.interpret.summary import refresh_browser, summarize
+from sae_pipeline.interpret.summary import plot_scores, refresh_browser, summarize
 from sae_pipeline.sae.scan import spread_latents
 from sae_pipeline.settings import InterpretSettings
 from sae_pipeline.store.activations import ActivationRun
@@ -134,6 +134,7 @@ def interpret_member(settings, run: TrainingRun, meta, act_run, contexts, explai
     explanations = explain_all(settings, folder, examples, explainer)
     started = time.perf_counter()
     rows = score_all(settings, folder, examples, explanations, scorer, config)
+    plot_scores(rows, folder.dir / "scores.png")
     summary = summarize(rows, config, time.perf_counter() - started, explainer, scorer)
     folder.write_summary(summary)
     refresh_browser(run, rows)
