@@ -376,3 +376,8 @@ class InterpretSettings(CommonSettings):
     interpret_examples_per_prompt: int = Field(5, ge=1, le=50, description="examples a scorer judges per prompt")
     explainer_max_new_tokens: int = Field(64, ge=8, description="tokens the explainer may generate per latent")
     interpret_batch_size: int = Field(8, ge=1, description="chats per generate call of the explainer and scorer")
+    interpret_delphi_cache: bool = Field(
+        False,
+        description="also write the SAE's codes of every latent over the scanned tokens as delphi's latent cache "
+        "(interpretation/delphi_cache/), for delphi's own pipeline",
+    )

@@ -6,6 +6,8 @@
     latents.jsonl        one row per latent as soon as it is scored: explanation, detection and fuzzing scores,
                          the control's, the examples used, the model ids
     summary.json         real against control: mean, median and distribution of each score (written last)
+    scores.png           the scores' distributions, real and control, and each score against firing frequency
+    delphi_cache/        with INTERPRET_DELPHI_CACHE=1: the codes as delphi's latent cache (``delphi_cache.py``)
 
 A JSONL row is appended and synced (fsync) before the next latent starts, so a killed step 4 loses at most the
 latent it was working on; a rerun reads the complete rows (a torn last line is cut off) and continues after them.
@@ -62,6 +64,7 @@ class InterpretationFolder:
         self.summary_path = self.dir / "summary.json"
         self.explanations = JsonlLog(self.dir / "explanations.jsonl")
         self.latents = JsonlLog(self.dir / "latents.jsonl")
+        self.delphi_cache = self.dir / "delphi_cache"
 
     def exists(self) -> bool:
         return self.latents.path.is_file()

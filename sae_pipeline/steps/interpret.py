@@ -35,6 +35,7 @@ from sae_pipeline.infra.errors import PipelineError, human_bytes
 from sae_pipeline.infra.progress import ProgressMeter
 from sae_pipeline.interpret import scorers
 from sae_pipeline.interpret.chat import ChatModel
+from sae_pipeline.interpret.delphi_cache import write_delphi_cache
 from sae_pipeline.interpret.examples import (
     ExampleBudget,
     LatentExamples,
@@ -131,6 +132,12 @@ def interpret_member(settings, run: TrainingRun, meta, act_run, contexts, explai
         file=sys.stderr,
     )
     examples = collect_examples(act_run, layer, engine, device, latents, freq, n_tokens, budget, contexts)
+    if settings.interpret_delphi_cache and not (folder.delphi_cache / layer / "config.json").is_file():
+        pad_id = contexts.tokenizer.pad_token_id if contexts.tokenizer.pad_token_id is not None else 0
+        cache = write_delphi_cache(
+            act_run, act_run.read_meta(), layer, engine, device, n_tokens, folder.delphi_cache, pad_id
+        )
+        print(f"delphi's latent cache written to {cache}", file=sys.stderr)
     explanations = explain_all(settings, folder, examples, explainer)
     started = time.perf_counter()
     rows = score_all(settings, folder, examples, explanations, scorer, config)
