@@ -381,3 +381,8 @@ class InterpretSettings(CommonSettings):
         description="also write the SAE's codes of every latent over the scanned tokens as delphi's latent cache "
         "(interpretation/delphi_cache/), for delphi's own pipeline",
     )
+    interpret_neuronpedia: bool = Field(
+        False,
+        description="also write the interpreted latents as SAE-Dashboard/Neuronpedia feature JSON "
+        "(interpretation/neuronpedia/batch-0.json; loads the run's model for the top logits)",
+    )

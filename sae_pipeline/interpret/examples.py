@@ -17,7 +17,7 @@ Memory: O(latents x (top + reservoir)) numbers plus one chunk of codes, whatever
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -72,6 +72,7 @@ class LatentExamples:
     top: list[Context]
     test: list[Context]
     non_activating: list[Context]
+    sample_values: list[float] = field(default_factory=list)  # a uniform sample of its activations (histograms)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -229,6 +230,7 @@ def collect_examples(
                 [context(r, j) for r in top],
                 [context(r, j, round(q, 4)) for r, q in test],
                 non_act,
+                collector.res_val[torch.isfinite(collector.res_key[:, j]), j].tolist(),
             )
         )
     return out

@@ -138,6 +138,8 @@ def interpret_member(settings, run: TrainingRun, meta, act_run, contexts, explai
             act_run, act_run.read_meta(), layer, engine, device, n_tokens, folder.delphi_cache, pad_id
         )
         print(f"delphi's latent cache written to {cache}", file=sys.stderr)
+    if settings.interpret_neuronpedia:
+        write_neuronpedia(act_run, run, layer, engine, examples, explainer, contexts.tokenizer, n_tokens, folder)
     explanations = explain_all(settings, folder, examples, explainer)
     started = time.perf_counter()
     rows = score_all(settings, folder, examples, explanations, scorer, config)
@@ -146,6 +148,34 @@ def interpret_member(settings, run: TrainingRun, meta, act_run, contexts, explai
     folder.write_summary(summary)
     refresh_browser(run, rows)
     return folder.dir
+
+
+def write_neuronpedia(act_run, run, layer, engine, examples, explainer, tokenizer, n_tokens, folder) -> None:
+    """interpretation/neuronpedia/batch-0.json; the top logits need the run's model (the explainer's when same)."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_pipeline.interpret.neuronpedia import write_batch
+    from sae_pipeline.lm.layers import block_index
+    from sae_pipeline.lm.loading import model_source
+
+    meta = act_run.read_meta()
+    model = explainer.model
+    if explainer.model_id != meta["model_id"]:
+        source, extra = model_source(meta["model_id"])
+        model = AutoModelForCausalLM.from_pretrained(source, **extra)
+    ds = meta["dataset"]
+    np_meta = {
+        "model_id": meta["model_id"],
+        "layer": block_index(layer),
+        "sae_set": run.run_id,
+        "n_tokens": n_tokens,
+        "n_documents": int(ds["limit"]),
+        "ctx_len": int(meta["max_length"]),
+        "dataset": ds["name"],
+    }
+    path = folder.dir / "neuronpedia" / "batch-0.json"
+    write_batch(examples, engine, model, tokenizer, np_meta, path)
+    print(f"Neuronpedia features written to {path}", file=sys.stderr)
 
 
 def run_config(settings, run, latents, budget: ExampleBudget, explainer, scorer) -> dict[str, Any]:

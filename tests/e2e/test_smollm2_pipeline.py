@@ -144,7 +144,18 @@ INTERPRET = {
     "INTERPRET_WINDOW": "6",
     "EXPLAINER_MAX_NEW_TOKENS": "24",
     "OMP_NUM_THREADS": "2",
+    "INTERPRET_NEURONPEDIA": "1",
+    "INTERPRET_DELPHI_CACHE": "1",
 }
+# SAE-Dashboard's NeuronpediaDashboardFeature.to_dict keys (sae_dashboard/neuronpedia/neuronpedia_dashboard.py)
+NEURONPEDIA_FEATURE_KEYS = {
+    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+    "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson", "correlated_features_indices",
+    "correlated_features_l1", "correlated_features_pearson", "neg_str", "neg_values", "pos_str", "pos_values",
+    "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist",
+    "activations",
+}  # fmt: skip
 
 
 def interpretation_rows(store) -> list[dict]:
@@ -216,3 +227,35 @@ def test_step4_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_run(interp
     res = run_script("04_interpret_sae.py", env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert interpretation_rows(copy) == rows  # no row lost, none twice, the same explanations and scores
+
+
+def test_step4_exports_neuronpedia_features_and_delphis_cache(interpreted, smollm2_model):
+    from sae_pipeline.interpret.delphi_cache import config_of, read_range
+
+    store, _, rows = interpreted
+    folder = store / "runs" / "sae" / "interpretation"
+    batch = json.loads((folder / "neuronpedia" / "batch-0.json").read_text(encoding="utf-8"))
+    assert batch["layer"] == LAYER and batch["sae_set"] == "sae" and batch["model_id"] == str(smollm2_model)
+    assert [f["feature_index"] for f in batch["features"]] == [r["latent"] for r in rows]
+    for feat, row in zip(batch["features"], rows):
+        assert set(feat) == NEURONPEDIA_FEATURE_KEYS
+        assert len(feat["pos_str"]) == len(feat["pos_values"]) == 10 and feat["pos_values"][0] > feat["neg_values"][0]
+        assert feat["frac_nonzero"] == row["frequency"] and sum(feat["freq_hist_data_bar_heights"]) > 0
+        top = [a for a in feat["activations"] if a["bin_min"] == -1]
+        assert [a["tokens"] for a in top] == [c["pieces"] for c in row["examples"]["top"]]
+        assert all(len(a["tokens"]) == len(a["values"]) for a in feat["activations"])
+    cache = folder / "delphi_cache" / batch_layer_signature()
+    assert config_of(cache)["ctx_len"] == MAX_LENGTH
+    ranges = sorted(cache.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
+    assert int(ranges[-1].stem.split("_")[1]) == 4 * 576 - 1
+    for row in rows:  # each interpreted latent's top activation is in the cache, at its document and position
+        top = row["examples"]["top"][0]
+        path = next(p for p in ranges if int(p.stem.split("_")[0]) <= row["latent"] <= int(p.stem.split("_")[1]))
+        data = read_range(path)
+        at = (data["locations"][:, 2] == row["latent"]) & (data["locations"][:, 0] == top["doc"])
+        at &= data["locations"][:, 1] == top["pos"]
+        assert data["activations"][at].float().item() == pytest.approx(top["activations"][top["center"]], rel=2e-3)
+
+
+def batch_layer_signature() -> str:
+    return f"llamaforcausallm_model_layers_{LAYER}_post_attention_layernorm"
