@@ -1,7 +1,7 @@
 """The SAE's codes over the stored tokens as delphi's latent cache, so delphi's own pipeline can run on them.
 
-delphi (``delphi/latents/cache.py``, ``loader.py``) reads ``<raw_dir>/<hookpoint>/<start>_<end>.safetensors``, one
-file per range of latents (``end`` inclusive), each holding::
+delphi's loader (https://github.com/EleutherAI/delphi/blob/3c2e139/delphi/latents/loader.py) reads
+``<raw_dir>/<hookpoint>/<start>_<end>.safetensors``, one file per range of latents (``end`` inclusive), each holding::
 
     locations    int [n, 3]   (sequence, position, latent - start) of every non-zero code of the range
     activations  float16 [n]  the codes

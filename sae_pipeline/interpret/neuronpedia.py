@@ -1,7 +1,8 @@
 """The interpreted latents as SAE-Dashboard's Neuronpedia batch JSON, the file a self-hosted Neuronpedia imports.
 
-The schema is SAE-Dashboard's ``NeuronpediaDashboardBatch.to_dict`` (``sae_dashboard/neuronpedia/
-neuronpedia_dashboard.py``): ``model_id``, ``layer``, ``sae_set``, ``features``; per feature ``feature_index``,
+The schema is SAE-Dashboard's ``NeuronpediaDashboardBatch.to_dict``
+(https://github.com/jbloomAus/SAEDashboard/blob/main/sae_dashboard/neuronpedia/neuronpedia_dashboard.py):
+``model_id``, ``layer``, ``sae_set``, ``features``; per feature ``feature_index``,
 ``activations`` (``bin_min``, ``bin_max``, ``bin_contains``, ``tokens``, ``values``; the top activations as its
 "TOP ACTIVATIONS" bin -1..max, each quantile sample as a bin of its own value), top positive and negative logits
 (``pos_str``/``pos_values``, ``neg_str``/``neg_values``: the direct-logit view of the browser), ``frac_nonzero``,

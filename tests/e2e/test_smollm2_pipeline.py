@@ -147,7 +147,7 @@ INTERPRET = {
     "INTERPRET_NEURONPEDIA": "1",
     "INTERPRET_DELPHI_CACHE": "1",
 }
-# SAE-Dashboard's NeuronpediaDashboardFeature.to_dict keys (sae_dashboard/neuronpedia/neuronpedia_dashboard.py)
+# SAE-Dashboard's NeuronpediaDashboardFeature.to_dict keys (its neuronpedia_dashboard module)
 NEURONPEDIA_FEATURE_KEYS = {
     "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
     "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson", "correlated_features_indices",
