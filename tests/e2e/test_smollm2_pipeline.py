@@ -259,3 +259,30 @@ def test_step4_exports_neuronpedia_features_and_delphis_cache(interpreted, smoll
 
 def batch_layer_signature() -> str:
     return f"llamaforcausallm_model_layers_{LAYER}_post_attention_layernorm"
+
+
+def test_the_browser_shows_explanations_and_sorts_and_filters_by_them_in_chromium(interpreted, tmp_path):
+    from tests.eval_fixtures import find_or_install_chromium, open_page
+
+    store, _, rows = interpreted
+    html = store / "runs" / "sae" / "evaluation" / "feature_browser.html"
+    with open_page(find_or_install_chromium(), tmp_path / "profile", html.as_uri()) as page:
+        page.wait_for("document.body.dataset.rendered !== undefined")
+        assert page.evaluate("document.querySelector('th[data-key=detection]').hidden") is False
+        page.evaluate("document.querySelector('th[data-key=detection]').click()")  # best detection first
+        first = page.evaluate("document.querySelector('.latent-row').dataset.latent")
+        scored = [r for r in rows if r["scores"]["detection"]["balanced_accuracy"] is not None]
+        if scored:  # else every row sorts as unscored, by latent
+            best = max(scored, key=lambda r: (r["scores"]["detection"]["balanced_accuracy"], -r["latent"]))
+            assert int(first) == best["latent"]
+            assert best["explanation"] in page.evaluate("document.querySelector('.latent-row').textContent")
+        word = rows[0]["explanation"].split()[-1]
+        page.evaluate(
+            f"const f = document.getElementById('explanation-filter'); f.value = {json.dumps(word)};"
+            "f.dispatchEvent(new Event('input'))"
+        )
+        n = page.evaluate("document.querySelectorAll('.latent-row').length")
+        assert n == sum(word.lower() in r["explanation"].lower() for r in rows)
+        page.evaluate(f"location.hash = '#open-{rows[0]['latent']}'")
+        page.wait_for("document.getElementById('opened').textContent.includes('explanation:')")
+        assert page.errors == []
