@@ -38,3 +38,8 @@ DEVICE=cuda STORE_DIR="$WORK/train" RUN_ID=speed_d1536_n2000000 TOP_K=16,32,64 E
     2>&1 | grep "Trained"
 "${PY[@]}" "${CAPTURE[@]}" --smollm2 --models "$WORK/models" --batch-tokens 65536 --docs-per-shard 4096 \
     --small 1024 --large 4096 2>"$WORK/capture_smollm2.err" || { tail -n 30 "$WORK/capture_smollm2.err"; exit 1; }
+# 6. Step 4 on the GPU: SmolLM2 as explainer and scorer on 50 latents, chats in batches (latents/min, generated
+#    tokens/s). A Bielik-size explainer needs its weights cached on the node: then rerun step 4 with
+#    EXPLAINER_MODEL=speakleash/Bielik-11B-v2.3-Instruct on the same store.
+"${PY[@]}" benchmarks/interpret_speed.py --device cuda --latents 50 2>"$WORK/interpret.err" \
+    || { tail -n 30 "$WORK/interpret.err"; exit 1; }

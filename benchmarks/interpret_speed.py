@@ -99,7 +99,7 @@ def main() -> None:
     gen = summary["generation"][str(model)]
     rows_path = store / "runs" / args.sae_run / "interpretation" / "latents.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines()]
-    ratio = prefix_ratio(model, rows[:2], args.device)
+    ratio = prefix_ratio(model, rows[:1], args.device, repeats=1)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(
         f"step 4, {summary['latents']} latents, whole script: {seconds:.1f} s = "

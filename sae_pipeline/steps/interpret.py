@@ -196,6 +196,7 @@ def explain_all(settings, folder: InterpretationFolder, examples: list[LatentExa
     """Every latent's explanation: the rows already written, then one new row per latent not yet explained."""
     done = {row["latent"]: row["explanation"] for row in folder.explanations.rows()}
     todo = [ex for ex in examples if ex.latent not in done]
+    generated = explainer.generated_tokens
     with ProgressMeter(
         "explain", len(examples), "latent", initial=len(done), every_s=settings.progress_every_seconds
     ) as meter:
@@ -205,7 +206,8 @@ def explain_all(settings, folder: InterpretationFolder, examples: list[LatentExa
             )
             done[ex.latent] = parse_explanation(answer)
             folder.explanations.append({"latent": ex.latent, "explanation": done[ex.latent], "answer": answer})
-            meter.update(1)
+            meter.update(1, tokens=explainer.generated_tokens - generated)
+            generated = explainer.generated_tokens
     return done
 
 
@@ -213,7 +215,7 @@ def score_all(settings, folder, examples: list[LatentExamples], explanations: di
     """Every latent's scores and its control's: the rows already written, then one new row per latent."""
     rows = folder.latents.rows()
     done = {row["latent"] for row in rows}
-    n = len(examples)
+    n, generated = len(examples), scorer.generated_tokens
     with ProgressMeter("score", n, "latent", initial=len(done), every_s=settings.progress_every_seconds) as meter:
         for i, ex in enumerate(examples):
             if ex.latent in done:
@@ -237,7 +239,8 @@ def score_all(settings, folder, examples: list[LatentExamples], explanations: di
             row["scorer_model"] = config["scorer_model"]
             folder.latents.append(row)
             rows.append(row)
-            meter.update(1)
+            meter.update(1, tokens=scorer.generated_tokens - generated)
+            generated = scorer.generated_tokens
     order = {ex.latent: i for i, ex in enumerate(examples)}
     return sorted(rows, key=lambda r: order[r["latent"]])
 
