@@ -43,3 +43,16 @@ def test_a_neuronpedia_feature_carries_the_examples_logits_and_histograms():
     assert feat["activations"][0]["bin_max"] == 2.0 and feat["activations"][2]["bin_contains"] == 0.25
     assert sum(feat["freq_hist_data_bar_heights"]) == 10.0  # the sample scaled to 0.01 x 1000 firings
     assert sum(feat["logits_hist_data_bar_heights"]) == 20.0
+
+
+def test_step3_finds_step4s_rows_for_its_browser(tmp_path):
+    from types import SimpleNamespace
+
+    from sae_pipeline.interpret.io import InterpretationFolder
+    from sae_pipeline.interpret.summary import interpretation_for_browser
+
+    run = SimpleNamespace(dir=tmp_path)
+    assert interpretation_for_browser(run) == {}  # step 4 never ran: the browser has no columns for it
+    InterpretationFolder(tmp_path).start({"latents": [1]})
+    InterpretationFolder(tmp_path).latents.append(row(1, 0.9, 0.7, 0.5))
+    assert interpretation_for_browser(run)["interpretation"]["1"]["detection"] == 0.9
