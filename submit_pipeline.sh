@@ -14,8 +14,8 @@
 # never mix: training reads its activation run by id, not from run_id.txt. Training is submitted with
 # --dependency=afterok on the capture job (the whole array, when --array is given) and --kill-on-invalid-dep=yes:
 # if capture fails, training is cancelled instead of pending forever. If submit_evaluate_sae.sh exists, it is
-# chained after training (all of its tasks) the same way. Prints run_id=, sae_run_id=, capture_job=, train_job=
-# (and eval_job=) lines.
+# chained after training (all of its tasks) the same way; with SUBMIT_INTERPRET=1, submit_interpret_sae.sh after it.
+# Prints run_id=, sae_run_id=, capture_job=, train_job= (and eval_job=, interpret_job=) lines.
 #
 #   STREAM=1 LAYER_NUM=8,16 TOP_K=16,32 ./submit_pipeline.sh
 #                                                            # no full capture: training streams from the model;
@@ -84,5 +84,10 @@ if [ -f "$PIPELINE_DIR/submit_evaluate_sae.sh" ]; then
     eval_job=$(submit --dependency="afterok:$trained" --kill-on-invalid-dep=yes \
         "$PIPELINE_DIR/submit_evaluate_sae.sh")
     echo "eval_job=$eval_job"
+fi
+if [ "${SUBMIT_INTERPRET:-0}" = 1 ]; then  # step 4 after step 3: explanations and scores of the latents
+    interpret_job=$(submit --dependency="afterok:${eval_job:-$train_job}" --kill-on-invalid-dep=yes \
+        "$PIPELINE_DIR/submit_interpret_sae.sh")
+    echo "interpret_job=$interpret_job"
 fi
 echo "logs in $PWD (sae_save_activations_*, sae_train_*, sae_eval_*); follow with: squeue -u ${USER:-\$USER}" >&2

@@ -14,6 +14,9 @@
 # 5. Capture on a real trained Llama (SmolLM2-135M-Instruct, layer 15 of 30), bf16, against the bare forward.
 # 6. Streaming (STREAM=1) at Bielik-1.5B's shape, layer 16, 1 and 2 epochs: tokens/s against capture + training
 #    in series, and the forward's share of the streamed run.
+# 7. Step 4 on the GPU: SmolLM2 as explainer and scorer on 50 latents, chats in batches (latents/min, generated
+#    tokens/s). A Bielik-size explainer needs its weights cached on the node: then rerun step 4 with
+#    EXPLAINER_MODEL=speakleash/Bielik-11B-v2.3-Instruct on the same store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SAE_PYTHON:-}" ]; then read -r -a PY <<<"$SAE_PYTHON"
@@ -42,3 +45,5 @@ DEVICE=cuda STORE_DIR="$WORK/train" RUN_ID=speed_d1536_n2000000 TOP_K=16,32,64 E
     --small 1024 --large 4096 2>"$WORK/capture_smollm2.err" || { tail -n 30 "$WORK/capture_smollm2.err"; exit 1; }
 "${PY[@]}" benchmarks/stream_speed.py --device cuda --bielik-shape --layer 16 --docs 8192 --epochs 1,2 --repeats 1 \
     2>"$WORK/stream.err" || { tail -n 30 "$WORK/stream.err"; exit 1; }
+"${PY[@]}" benchmarks/interpret_speed.py --device cuda --latents 50 2>"$WORK/interpret.err" \
+    || { tail -n 30 "$WORK/interpret.err"; exit 1; }

@@ -180,3 +180,30 @@ def evaluate_sae_main(argv: list[str] | None = None) -> None:
         evaluate_sae(settings, sae_run_id=args.sae_run_id)
 
     exit_on_error(run, EVALUATE_RESUME)
+
+
+INTERPRET_RESUME = Resume("--sae_run_id", "it continues after the last latent written")
+
+
+def interpret_sae_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Step 4: explain an SAE's latents with a local instruct model and score the explanations "
+        "(detection, fuzzing, and a control), or every SAE's of a sweep."
+    )
+    parser.add_argument(
+        "--sae_run_id",
+        help="training run or sweep to interpret (default: SAE_RUN_ID, else the one in STORE_DIR/sae_run_id.txt)",
+    )
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from sae_pipeline.settings import InterpretSettings
+
+        settings = load_settings(InterpretSettings)  # before the heavy import: a bad variable fails in a blink
+        prepare_process()
+        from sae_pipeline.steps.interpret import interpret_sae
+
+        for folder in interpret_sae(settings, sae_run_id=args.sae_run_id):
+            print(f"interpretation written to {folder}")
+
+    exit_on_error(run, INTERPRET_RESUME)

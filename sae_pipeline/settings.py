@@ -357,3 +357,59 @@ class EvalSettings(CommonSettings):
     )
     browser_contexts: int = Field(10, ge=1, le=100, description="top-activating contexts shown per latent")
     browser_window: int = Field(12, ge=1, le=64, description="tokens shown on each side of an activating token")
+
+
+class InterpretSettings(CommonSettings):
+    """Variables of step 4 (04_interpret_sae.py). The layer and the texts come from the training and activation
+    runs; the explainer defaults to the activation run's model (an instruct model in the default setup)."""
+
+    sae_run_id: str | None = Field(
+        None,
+        min_length=1,
+        description="training run or sweep to interpret (same as --sae_run_id; default: the one in "
+        "STORE_DIR/sae_run_id.txt)",
+    )
+    explainer_model: str | None = Field(
+        None,
+        min_length=1,
+        description="instruct model (with a chat template) that explains latents: a hub id, a model folder or a "
+        ".gguf file (default: the activation run's model; on a GPU node: speakleash/Bielik-11B-v2.3-Instruct)",
+    )
+    scorer_model: str | None = Field(
+        None, min_length=1, description="instruct model that scores the explanations (default: EXPLAINER_MODEL)"
+    )
+    interpret_limit: int = Field(
+        200,
+        ge=1,
+        description="latents explained and scored, spread over the decades of firing frequency like the browser's "
+        "detailed latents; at least the number of firing latents means all of them",
+    )
+    interpret_language: str = Field(
+        "Polish", min_length=1, description="language of the texts, named in the explainer's and scorers' prompts"
+    )
+    interpret_scan_tokens: int = Field(
+        10_000_000, ge=1, description="stored tokens read for the latents' frequencies and examples"
+    )
+    interpret_top_examples: int = Field(
+        20, ge=1, le=200, description="top-activating contexts per latent shown to the explainer"
+    )
+    interpret_test_examples: int = Field(
+        10, ge=1, le=200, description="activating contexts per latent, across its quantiles, shown to the scorers"
+    )
+    interpret_non_activating: int = Field(
+        10, ge=1, le=200, description="contexts per latent where it does not fire, shown to the scorers"
+    )
+    interpret_window: int = Field(12, ge=1, le=64, description="tokens of context on each side of a chosen token")
+    interpret_examples_per_prompt: int = Field(5, ge=1, le=50, description="examples a scorer judges per prompt")
+    explainer_max_new_tokens: int = Field(64, ge=8, description="tokens the explainer may generate per latent")
+    interpret_batch_size: int = Field(8, ge=1, description="chats per generate call of the explainer and scorer")
+    interpret_delphi_cache: bool = Field(
+        False,
+        description="also write the SAE's codes of every latent over the scanned tokens as delphi's latent cache "
+        "(interpretation/delphi_cache/), for delphi's own pipeline",
+    )
+    interpret_neuronpedia: bool = Field(
+        False,
+        description="also write the interpreted latents as SAE-Dashboard/Neuronpedia feature JSON "
+        "(interpretation/neuronpedia/batch-0.json; loads the run's model for the top logits)",
+    )

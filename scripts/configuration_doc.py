@@ -27,6 +27,7 @@ from sae_pipeline.settings import (  # noqa: E402
     CaptureSettings,
     CommonSettings,
     EvalSettings,
+    InterpretSettings,
     StreamSettings,
     TrainSettings,
 )
@@ -76,6 +77,11 @@ SECTIONS = [
         EvalSettings,
         "Step 3: `03_evaluate_sae.py`",
         "What is measured: [evaluation](evaluation.md); the feature browser: [interpretation](interpretation.md).",
+    ),
+    (
+        InterpretSettings,
+        "Step 4: `04_interpret_sae.py`",
+        "Explanations and their scores: [interpretation](interpretation.md#step-4-explanations-and-scores).",
     ),
 ]
 

@@ -85,31 +85,40 @@ class ContextSource:
 
 
 @torch.no_grad()
-def promoted_tokens(
-    engine, model, tokenizer, latents: list[int], top: int = PROMOTED_TOP, bottom: int = PROMOTED_BOTTOM
-) -> dict[int, dict[str, list]]:
-    """{latent: {"promoted": [[token, logit], ...], "suppressed": [...]}}; {} when the widths do not match W_U."""
+def direct_logits(engine, model, latents: list[int]) -> torch.Tensor | None:
+    """[latents, vocab]: (g ⊙ W_dec[i]) · W_Uᵀ per latent; None when the widths do not match W_U."""
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if unembed is None or not latents:
-        return {}
+        return None
     w_u = unembed.weight.detach().float()
     dirs = engine.W_dec.detach().float()[latents]
     if w_u.shape[1] != dirs.shape[1]:
-        return {}
+        return None
     norm = getattr(getattr(model, "model", None), "norm", None)
     gain = getattr(norm, "weight", None)
     if isinstance(gain, torch.Tensor) and gain.shape == (dirs.shape[1],):
         dirs = dirs * gain.detach().float().to(dirs.device)
-    logits = dirs.to(w_u.device) @ w_u.T  # [n, vocab]
+    return dirs.to(w_u.device) @ w_u.T
+
+
+def token_name(tokenizer, t: int) -> str:
+    text = tokenizer.decode([t])
+    return text if "\ufffd" not in text else str(tokenizer.convert_ids_to_tokens(t))  # half a character
+
+
+@torch.no_grad()
+def promoted_tokens(
+    engine, model, tokenizer, latents: list[int], top: int = PROMOTED_TOP, bottom: int = PROMOTED_BOTTOM
+) -> dict[int, dict[str, list]]:
+    """{latent: {"promoted": [[token, logit], ...], "suppressed": [...]}}; {} when the widths do not match W_U."""
+    logits = direct_logits(engine, model, latents)
+    if logits is None:
+        return {}
     hi = logits.topk(min(top, logits.shape[1]), dim=1)
     lo = logits.topk(min(bottom, logits.shape[1]), dim=1, largest=False)
 
-    def name(t: int) -> str:
-        text = tokenizer.decode([t])
-        return text if "\ufffd" not in text else str(tokenizer.convert_ids_to_tokens(t))  # half a character
-
     def named(values, indices):
-        return [[name(int(t)), round(float(v), 4)] for v, t in zip(values, indices)]
+        return [[token_name(tokenizer, int(t)), round(float(v), 4)] for v, t in zip(values, indices)]
 
     return {
         lat: {"promoted": named(hi.values[j], hi.indices[j]), "suppressed": named(lo.values[j], lo.indices[j])}

@@ -27,7 +27,7 @@ QUANTILE_BANDS = 4  # lower-activation samples: one group per quartile of the la
 SAMPLES_PER_BAND = 3
 
 
-def _chunks(run: ActivationRun, layer: str, d_in: int, max_tokens: int, window: int = 0):
+def stored_chunks(run: ActivationRun, layer: str, d_in: int, max_tokens: int, window: int = 0):
     """(x, provenance, lo, hi) per chunk of the first ``max_tokens`` stored tokens (store order): rows lo..hi of x
     are the chunk, the others up to ``window`` neighbours on each side (for context windows)."""
     seen = 0
@@ -55,7 +55,7 @@ def mean_activation(run: ActivationRun, layer: str, d_in: int, device: torch.dev
     """The mean of the first ``max_tokens`` stored tokens (what mean ablation puts in), once per layer."""
     total = torch.zeros(d_in, dtype=torch.float64, device=device)
     seen = 0
-    for x, _, lo, hi in _chunks(run, layer, d_in, max_tokens):
+    for x, _, lo, hi in stored_chunks(run, layer, d_in, max_tokens):
         total += x[lo:hi].to(device).float().sum(0, dtype=torch.float64)
         seen += hi - lo
     return (total / seen).float()
@@ -74,7 +74,7 @@ def scan_latents(
     """A ``report.LatentScan`` of one SAE over the first ``max_tokens`` stored tokens (store order)."""
     d_in, n_latents = engine.W_dec.shape[1], engine.W_dec.shape[0]
     scan = LatentScan(n_latents, contexts, window, device)
-    for x, prov, lo, hi in _chunks(run, layer, d_in, max_tokens, window):
+    for x, prov, lo, hi in stored_chunks(run, layer, d_in, max_tokens, window):
         scan.update(engine(x.to(device).float())[1].float(), prov.to(device), lo, hi)
     return scan
 
@@ -203,23 +203,8 @@ class LatentScan:
         return (self.sum / self.counts.clamp_min(1)).float().cpu()
 
     def detail_latents(self, n: int) -> list[int]:
-        """``n`` latents spread over the frequency range: the firing latents are grouped by decade of frequency
-        (< 1e-5, 1e-5..1e-4, ..., >= 0.1) and every decade gets an equal share (a decade with fewer latents gives
-        its rest to the others); within a decade the picks are evenly spaced in frequency order. Most frequent
-        decade first."""
-        bands = frequency_bands(self.frequency())
-        quota = {b: 0 for b in bands}
-        left = n
-        while left > 0 and any(quota[b] < len(bands[b]) for b in bands):
-            for b in sorted(bands, reverse=True):
-                if left > 0 and quota[b] < len(bands[b]):
-                    quota[b] += 1
-                    left -= 1
-        picked = []
-        for b in sorted(bands, reverse=True):
-            members, q = bands[b], quota[b]
-            picked += [members[int((i + 0.5) * len(members) / q)] for i in range(q)]
-        return picked
+        """``n`` latents spread over the frequency range (``spread_latents``)."""
+        return spread_latents(self.frequency(), n)
 
     def histograms(self, latents: list[int], bins: int = HIST_BINS) -> dict[int, dict[str, list[float]]]:
         """Histogram of each latent's non-zero activations, ``bins`` equal bins from 0 to its maximum."""
@@ -232,6 +217,26 @@ class LatentScan:
             counts = torch.histc(v, bins=bins, min=0.0, max=top)
             out[i] = {"edges": [top * b / bins for b in range(bins + 1)], "counts": [int(x) for x in counts]}
         return out
+
+
+def spread_latents(freq: torch.Tensor, n: int) -> list[int]:
+    """``n`` firing latents spread over the frequency range: the firing latents are grouped by decade of frequency
+    (< 1e-5, 1e-5..1e-4, ..., >= 0.1) and every decade gets an equal share (a decade with fewer latents gives its
+    rest to the others); within a decade the picks are evenly spaced in frequency order. Most frequent decade
+    first. The feature browser's detailed latents and step 4's latents are chosen by this one rule."""
+    bands = frequency_bands(freq)
+    quota = {b: 0 for b in bands}
+    left = n
+    while left > 0 and any(quota[b] < len(bands[b]) for b in bands):
+        for b in sorted(bands, reverse=True):
+            if left > 0 and quota[b] < len(bands[b]):
+                quota[b] += 1
+                left -= 1
+    picked = []
+    for b in sorted(bands, reverse=True):
+        members, q = bands[b], quota[b]
+        picked += [members[int((i + 0.5) * len(members) / q)] for i in range(q)]
+    return picked
 
 
 FREQUENCY_DECADES = (-5, -1)  # decades below 1e-5 and at or above 0.1 are merged into the end bands

@@ -326,6 +326,7 @@ def measure_member(job: EvalJob, m: Member, result: DownstreamResult, stats: Rec
 def write_member_outputs(job: EvalJob, m: Member, measured: Measured) -> dict[str, Any]:
     """One SAE's firing-frequency plot and feature browser; returns its metrics.json but the timing, which waits for
     the end (module docstring, point 5)."""
+    from sae_pipeline.interpret.summary import interpretation_for_browser
     from sae_pipeline.outputs import browser
     from sae_pipeline.outputs.plots import plot_firing_frequency
 
@@ -336,6 +337,7 @@ def write_member_outputs(job: EvalJob, m: Member, measured: Measured) -> dict[st
         promoted = browser.promoted_tokens(m.engine, job.lm.model, job.lm.tokenizer, detail)
         summary = records.browser_summary(job, m, measured)
         data = browser.browser_data(scan, ctx, promoted, settings.browser_latents, summary)
+        data |= interpretation_for_browser(m.run)  # step 4's explanations and scores, when it ran
         png = plot_firing_frequency(
             scan.frequency(),
             m.out / "firing_frequency.png",

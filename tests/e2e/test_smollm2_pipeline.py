@@ -131,3 +131,158 @@ def test_feature_browser_shows_latents_across_frequencies(pipeline):
     assert any(len(c["samples"]) == 4 for c in cards)  # lower quartiles shown beside the top activations
     fired = [f > 0 for f in browser["latents"]["frequency"]]
     assert [bool(c) for c in browser["latents"]["contexts"]] == fired  # every latent that fired opens from the list
+
+
+# Step 4 on the same run, SmolLM2 as the explainer and the scorer, kept small: a few latents, one scoring prompt of
+# each kind per latent, short answers (on CPU each prompt costs seconds).
+INTERPRET = {
+    "INTERPRET_LIMIT": "3",
+    "INTERPRET_TOP_EXAMPLES": "6",
+    "INTERPRET_TEST_EXAMPLES": "2",
+    "INTERPRET_NON_ACTIVATING": "2",
+    "INTERPRET_EXAMPLES_PER_PROMPT": "4",
+    "INTERPRET_WINDOW": "6",
+    "EXPLAINER_MAX_NEW_TOKENS": "24",
+    "OMP_NUM_THREADS": "2",
+    "INTERPRET_NEURONPEDIA": "1",
+    "INTERPRET_DELPHI_CACHE": "1",
+}
+# SAE-Dashboard's NeuronpediaDashboardFeature.to_dict keys (its neuronpedia_dashboard module)
+NEURONPEDIA_FEATURE_KEYS = {
+    "feature_index", "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+    "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson", "correlated_features_indices",
+    "correlated_features_l1", "correlated_features_pearson", "neg_str", "neg_values", "pos_str", "pos_values",
+    "frac_nonzero", "freq_hist_data_bar_values", "freq_hist_data_bar_heights", "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt", "dataset", "decoder_weights_dist",
+    "activations",
+}  # fmt: skip
+
+
+def interpretation_rows(store) -> list[dict]:
+    path = store / "runs" / "sae" / "interpretation" / "latents.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def interpreted(pipeline, smollm2_model):
+    store = pipeline[0]
+    env = pipeline_env(smollm2_model, store, **INTERPRET)
+    res = run_script("04_interpret_sae.py", env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return store, env, interpretation_rows(store)
+
+
+def test_step4_explains_and_scores_latents_against_a_control(interpreted, smollm2_model):
+    store, _, rows = interpreted
+    assert len(rows) == 3 and len({r["latent"] for r in rows}) == 3
+    for row in rows:
+        assert row["explanation"] and row["explainer_model"] == row["scorer_model"] == str(smollm2_model)
+        assert row["control"]["explanation_of"] != row["latent"]
+        assert row["control"]["explanation_of"] in {r["latent"] for r in rows}
+        for scores in (row["scores"], row["control"]["scores"]):
+            assert set(scores) == {"detection", "fuzzing"}
+            for s in scores.values():
+                answered = s["true_positives"] + s["false_negatives"] + s["true_negatives"] + s["false_positives"]
+                assert answered + s["failed"] == 4  # 2 activating and 2 silent contexts
+                assert s["balanced_accuracy"] is None or 0 <= s["balanced_accuracy"] <= 1
+        assert len(row["examples"]["top"]) >= 1 and len(row["examples"]["test"]) == 2
+        assert all(c["activations"][c["center"]] > 0 for c in row["examples"]["top"])
+        assert any(ch in "".join("".join(c["pieces"]) for c in row["examples"]["top"]) for ch in "ąęółśżźćń ")
+    folder = store / "runs" / "sae" / "interpretation"
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    assert summary["latents"] == 3 and set(summary["scores"]["detection"]) == {"real", "control"}
+    assert (folder / "scores.png").stat().st_size > 1000
+    browser = json.loads((store / "runs" / "sae" / "evaluation" / "feature_browser.json").read_text("utf-8"))
+    assert {int(k): v["explanation"] for k, v in browser["interpretation"].items()} == {
+        r["latent"]: r["explanation"] for r in rows
+    }
+    html = (store / "runs" / "sae" / "evaluation" / "feature_browser.html").read_text(encoding="utf-8")
+    assert json.dumps(rows[0]["explanation"], ensure_ascii=False)[1:-1].replace("<", "\\u003c") in html
+
+
+def test_step4_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_run(interpreted, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+
+    store, env, rows = interpreted
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    shutil.rmtree(copy / "runs" / "sae" / "interpretation")
+    env = {**env, "STORE_DIR": str(copy)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "04_interpret_sae.py")], cwd=REPO, env=env)
+    written = copy / "runs" / "sae" / "interpretation" / "latents.jsonl"
+    deadline = time.monotonic() + 600
+    while not (written.is_file() and written.read_bytes().count(b"\n") >= 1) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # a preemption that leaves no time to clean up
+    proc.wait()
+    killed = interpretation_rows(copy)
+    assert 1 <= len(killed) < 3
+    res = run_script("04_interpret_sae.py", env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert interpretation_rows(copy) == rows  # no row lost, none twice, the same explanations and scores
+
+
+def test_step4_exports_neuronpedia_features_and_delphis_cache(interpreted, smollm2_model):
+    from sae_pipeline.interpret.delphi_cache import config_of, read_range
+
+    store, _, rows = interpreted
+    folder = store / "runs" / "sae" / "interpretation"
+    batch = json.loads((folder / "neuronpedia" / "batch-0.json").read_text(encoding="utf-8"))
+    assert batch["layer"] == LAYER and batch["sae_set"] == "sae" and batch["model_id"] == str(smollm2_model)
+    assert [f["feature_index"] for f in batch["features"]] == [r["latent"] for r in rows]
+    for feat, row in zip(batch["features"], rows):
+        assert set(feat) == NEURONPEDIA_FEATURE_KEYS
+        assert len(feat["pos_str"]) == len(feat["pos_values"]) == 10 and feat["pos_values"][0] > feat["neg_values"][0]
+        assert feat["frac_nonzero"] == row["frequency"] and sum(feat["freq_hist_data_bar_heights"]) > 0
+        top = [a for a in feat["activations"] if a["bin_min"] == -1]
+        assert [a["tokens"] for a in top] == [c["pieces"] for c in row["examples"]["top"]]
+        assert all(len(a["tokens"]) == len(a["values"]) for a in feat["activations"])
+    cache = folder / "delphi_cache" / batch_layer_signature()
+    assert config_of(cache)["ctx_len"] == MAX_LENGTH
+    ranges = sorted(cache.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
+    assert int(ranges[-1].stem.split("_")[1]) == 4 * 576 - 1
+    for row in rows:  # each interpreted latent's top activation is in the cache, at its document and position
+        top = row["examples"]["top"][0]
+        path = next(p for p in ranges if int(p.stem.split("_")[0]) <= row["latent"] <= int(p.stem.split("_")[1]))
+        data = read_range(path)
+        at = (data["locations"][:, 2] == row["latent"]) & (data["locations"][:, 0] == top["doc"])
+        at &= data["locations"][:, 1] == top["pos"]
+        assert data["activations"][at].float().item() == pytest.approx(top["activations"][top["center"]], rel=2e-3)
+
+
+def batch_layer_signature() -> str:
+    return f"llamaforcausallm_model_layers_{LAYER}_post_attention_layernorm"
+
+
+def test_the_browser_shows_explanations_and_sorts_and_filters_by_them_in_chromium(interpreted, tmp_path):
+    from tests.eval_fixtures import find_or_install_chromium, open_page
+
+    store, _, rows = interpreted
+    html = store / "runs" / "sae" / "evaluation" / "feature_browser.html"
+    with open_page(find_or_install_chromium(), tmp_path / "profile", html.as_uri()) as page:
+        page.wait_for("document.body.dataset.rendered !== undefined")
+        assert page.evaluate("document.querySelector('th[data-key=detection]').hidden") is False
+        page.evaluate("document.querySelector('th[data-key=detection]').click()")  # best detection first
+        first = page.evaluate("document.querySelector('.latent-row').dataset.latent")
+        scored = [r for r in rows if r["scores"]["detection"]["balanced_accuracy"] is not None]
+        if scored:  # else every row sorts as unscored, by latent
+            best = max(scored, key=lambda r: (r["scores"]["detection"]["balanced_accuracy"], -r["latent"]))
+            assert int(first) == best["latent"]
+            assert best["explanation"] in page.evaluate("document.querySelector('.latent-row').textContent")
+        word = rows[0]["explanation"].split()[-1]
+        page.evaluate(
+            f"const f = document.getElementById('explanation-filter'); f.value = {json.dumps(word)};"
+            "f.dispatchEvent(new Event('input'))"
+        )
+        n = page.evaluate("document.querySelectorAll('.latent-row').length")
+        assert n == sum(word.lower() in r["explanation"].lower() for r in rows)
+        page.evaluate(f"location.hash = '#open-{rows[0]['latent']}'")
+        page.wait_for("document.getElementById('opened').textContent.includes('explanation:')")
+        assert page.errors == []
