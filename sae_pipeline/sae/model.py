@@ -55,8 +55,7 @@ FORMAT = 1
 MI_CROW_TOPKSAE = {  # what mi_crow's plain TopKSae.load computes from our model.pt, per architecture
     "topk": "the SAE's codes (add b_dec to its reconstruction)",
     "batchtopk": "per-token top-k codes instead of the learned threshold (add b_dec to its reconstruction)",
-    "matryoshka_batchtopk": "per-token top-k codes instead of the learned threshold (add b_dec to its "
-    "reconstruction)",
+    "matryoshka_batchtopk": "per-token top-k codes instead of the learned threshold (add b_dec to its reconstruction)",
     "jumprelu": "not representable: mi_crow's TopKSae has no per-latent thresholds; it computes per-token top-k "
     "codes with k = TOP_K, not this SAE's; load with sae_pipeline.sae.model.PipelineSae.load",
 }

@@ -1,6 +1,7 @@
 """SAELens export: the layout SAELens 6 itself writes for each architecture (a TopK SAE as "topk", a BatchTopK or
-Matryoshka SAE as "jumprelu" with its threshold, a JumpReLU SAE as "jumprelu" with its thresholds), SAELens' formulas on the folder give our codes, and the metadata comes from the
-activation run's manifest (built here by the store's own builder, as capture builds it).
+Matryoshka SAE as "jumprelu" with its threshold, a JumpReLU SAE as "jumprelu" with its thresholds), SAELens'
+formulas on the folder give our codes, and the metadata comes from the activation run's manifest
+(built here by the store's own builder, as capture builds it).
 
 SAELens itself runs on exports of the real scripts in tests/e2e/test_saelens_export.py.
 """
