@@ -12,6 +12,8 @@
 #    batches delivered to the GPU (pinned groups, large copies on a side stream).
 # 4. A sweep of 3 SAEs (k 16, 32, 64) at the same shape in one pass: tokens/s of the pass, GPU busy, peak memory.
 # 5. Capture on a real trained Llama (SmolLM2-135M-Instruct, layer 15 of 30), bf16, against the bare forward.
+# 6. The four SAE architectures (TopK, BatchTopK, Matryoshka BatchTopK, JumpReLU) as one sweep at the shape of 2.,
+#    k 32, bf16 autocast: each trains (held-out FVU, L0), tokens/s of the pass, peak memory against the estimate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SAE_PYTHON:-}" ]; then read -r -a PY <<<"$SAE_PYTHON"
@@ -38,3 +40,6 @@ DEVICE=cuda STORE_DIR="$WORK/train" RUN_ID=speed_d1536_n2000000 TOP_K=16,32,64 E
     2>&1 | grep "Trained"
 "${PY[@]}" "${CAPTURE[@]}" --smollm2 --models "$WORK/models" --batch-tokens 65536 --docs-per-shard 4096 \
     --small 1024 --large 4096 2>"$WORK/capture_smollm2.err" || { tail -n 30 "$WORK/capture_smollm2.err"; exit 1; }
+DEVICE=cuda STORE_DIR="$WORK/train" RUN_ID=speed_d1536_n2000000 TOP_K=32 EPOCHS=1 CHECKPOINT_EVERY_STEPS=100000 \
+    SAE_ARCHITECTURE=topk,batchtopk,matryoshka_batchtopk,jumprelu \
+    "${PY[@]}" 02_train_sae.py --sae_run_id "gpu_arch_$(date +%H%M%S)" 2>&1 | grep -E "Trained|Sweep|memory"

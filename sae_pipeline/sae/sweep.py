@@ -36,9 +36,9 @@ from sae_pipeline.store.training import CheckpointCommit, Sweep, TrainingRun
 # Dense [batch, n_latents] float32 tensors alive at the peak of one step (pre-activations, codes, their autocast and
 # AuxK copies, gradients): measured on CPU with benchmarks/train_memory.py, rounded up.
 DENSE_TENSORS_PER_STEP = 10
-# ... and the ones an architecture adds (Matryoshka's prefix decodes, JumpReLU's float32 gates and estimators),
-# measured the same way.
-EXTRA_DENSE_TENSORS = {"matryoshka_batchtopk": 2, "jumprelu": 4}
+# ... and the ones an architecture adds (Matryoshka's prefix decodes, JumpReLU's float32 gates), measured the same
+# way (+1.3 and +0.5 over TopK), rounded up.
+EXTRA_DENSE_TENSORS = {"matryoshka_batchtopk": 2, "jumprelu": 1}
 STATE_FLOATS_PER_PARAM = 4  # the parameter, its gradient, Adam's two moments
 GIB = 1 << 30
 
@@ -106,6 +106,11 @@ def select_layers(settings: TrainSettings, run_layers: list[LayerSpec], run_id: 
 def build_grid(settings: TrainSettings, layers: list[LayerSpec]) -> list[SaeSpec]:
     """Every combination, in the fixed order of the module docstring; refuses TOP_K >= n_latents and Matryoshka
     widths that do not fit the SAE, by name."""
+    if settings.matryoshka_widths and "matryoshka_batchtopk" not in settings.sae_architecture:
+        raise PipelineError(
+            "MATRYOSHKA_WIDTHS is set but SAE_ARCHITECTURE trains no matryoshka_batchtopk SAE: add "
+            "matryoshka_batchtopk to SAE_ARCHITECTURE or unset MATRYOSHKA_WIDTHS"
+        )
     grid = [
         SaeSpec(layer, mult, k, arch, lr, seed, matryoshka_widths(settings, arch, layer.d_model * mult))
         for layer in layers

@@ -65,6 +65,8 @@ def test_the_sweep_names_matryoshka_widths_in_one_line_and_each_member_gets_its_
     assert "\n" not in message
     assert message.startswith("MATRYOSHKA_WIDTHS=16,32 is not valid: the last width must be the SAE's n_latents = 128")
     assert "unset it for the default" in message
+    with pytest.raises(PipelineError, match="MATRYOSHKA_WIDTHS is set but SAE_ARCHITECTURE trains no matryoshka"):
+        build_grid(TrainSettings(device="cpu", sae_architecture="topk,jumprelu", matryoshka_widths="8,128"), [L8])
     grid = build_grid(
         TrainSettings(device="cpu", sae_architecture="topk,matryoshka_batchtopk", n_latents_multiplier="2,4"), [L8]
     )
