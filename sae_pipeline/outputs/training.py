@@ -100,9 +100,11 @@ def summary(
 
 
 def model_loader(architecture: str) -> str:
-    """Which loader computes the SAE's codes from model.pt (sae/model.py says why JumpReLU needs ours)."""
+    """Which loader computes the SAE's codes from model.pt (sae/model.py says why the threshold ones need ours)."""
     if architecture == "jumprelu":
         return "PipelineSae.load; mi_crow's TopKSae cannot represent JumpReLU"
+    if architecture != "topk":
+        return "PipelineSae.load for the learned threshold; mi_crow TopKSae.load uses per-token top-k"
     return "mi_crow TopKSae.load"
 
 
