@@ -17,6 +17,8 @@
 # 7. Step 4 on the GPU: SmolLM2 as explainer and scorer on 50 latents, chats in batches (latents/min, generated
 #    tokens/s). A Bielik-size explainer needs its weights cached on the node: then rerun step 4 with
 #    EXPLAINER_MODEL=speakleash/Bielik-11B-v2.3-Instruct on the same store.
+# 8. The four SAE architectures (TopK, BatchTopK, Matryoshka BatchTopK, JumpReLU) as one sweep at the shape of 2.,
+#    k 32, bf16 autocast: each trains (held-out FVU, L0), tokens/s of the pass, peak memory against the estimate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SAE_PYTHON:-}" ]; then read -r -a PY <<<"$SAE_PYTHON"
@@ -47,3 +49,6 @@ DEVICE=cuda STORE_DIR="$WORK/train" RUN_ID=speed_d1536_n2000000 TOP_K=16,32,64 E
     2>"$WORK/stream.err" || { tail -n 30 "$WORK/stream.err"; exit 1; }
 "${PY[@]}" benchmarks/interpret_speed.py --device cuda --latents 50 2>"$WORK/interpret.err" \
     || { tail -n 30 "$WORK/interpret.err"; exit 1; }
+DEVICE=cuda STORE_DIR="$WORK/train" RUN_ID=speed_d1536_n2000000 TOP_K=32 EPOCHS=1 CHECKPOINT_EVERY_STEPS=100000 \
+    SAE_ARCHITECTURE=topk,batchtopk,matryoshka_batchtopk,jumprelu \
+    "${PY[@]}" 02_train_sae.py --sae_run_id "gpu_arch_$(date +%H%M%S)" 2>&1 | grep -E "Trained|Sweep|memory"

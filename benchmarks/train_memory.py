@@ -5,7 +5,7 @@ One ``Trainer`` on the CPU, d_in 512, n_latents 8,192, batch 4,096 (one dense te
 everything else a step allocates). A first step on 8 tokens creates Adam's moments; then, with every latent that
 did not fire counted as dead (so AuxK runs, the most expensive path), the resident set size is read before a full
 step and its peak (``ru_maxrss``) after it. The difference divided by the size of one dense tensor is the count.
-Run alone (it measures this process): ``uv run python benchmarks/train_memory.py [--architecture batchtopk]``.
+Run alone (it measures this process): ``uv run python benchmarks/train_memory.py [--architecture jumprelu]``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from sae_pipeline.infra.distributed import Dist
 from sae_pipeline.lm.layers import LayerSpec
-from sae_pipeline.sae.sweep import DENSE_TENSORS_PER_STEP, SaeSpec
+from sae_pipeline.sae.sweep import DENSE_TENSORS_PER_STEP, EXTRA_DENSE_TENSORS, SaeSpec
 from sae_pipeline.sae.trainer import Trainer
 from sae_pipeline.settings import TrainSettings
 
@@ -59,7 +59,7 @@ def main() -> None:
                 "dead_latents_in_the_step": dead,
                 "step_peak_mib": round((peak - before) / (1 << 20), 1),
                 "dense_tensors": round((peak - before) / dense, 2),
-                "estimate_uses": DENSE_TENSORS_PER_STEP,
+                "estimate_uses": DENSE_TENSORS_PER_STEP + EXTRA_DENSE_TENSORS.get(args.architecture, 0),
                 "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d"),
             }

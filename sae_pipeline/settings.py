@@ -173,12 +173,34 @@ class TrainSettings(CommonSettings):
         validate_default=True,
         description="active latents per token (must be below the number of latents)",
     )
-    sae_architecture: ListOf(Literal["topk", "batchtopk"]) = Field(
+    sae_architecture: ListOf(Literal["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"]) = Field(
         "topk",
         min_length=1,
         validate_default=True,
         description="topk = k latents per token; batchtopk = k per token on average over a batch, "
-        "with a threshold learned for inference",
+        "with a threshold learned for inference; matryoshka_batchtopk = batchtopk whose nested prefixes "
+        "(MATRYOSHKA_WIDTHS) each reconstruct on their own; jumprelu = a learned threshold per latent, "
+        "trained towards an L0 of TOP_K (docs/architectures.md)",
+    )
+    matryoshka_widths: ListOf(Annotated[int, Field(ge=1)]) | None = Field(
+        None,
+        min_length=1,
+        description="matryoshka_batchtopk: the nested prefix sizes, strictly increasing and ending at the SAE's "
+        "latents (default: n/64,n/16,n/4,n)",
+    )
+    jumprelu_l0_coefficient: float = Field(
+        0.05,
+        gt=0,
+        allow_inf_nan=False,
+        description="jumprelu: weight of the L0 target penalty mean(2/k (L0 - k)^2), k = TOP_K, against the FVU "
+        "loss (docs/architectures.md)",
+    )
+    jumprelu_bandwidth: float = Field(
+        0.05,
+        gt=0,
+        allow_inf_nan=False,
+        description="jumprelu: width of the straight-through estimator's kernel, in units of the activations' "
+        "per-dimension RMS (SAELens' default 0.05)",
     )
     seed: ListOf(Annotated[int, Field(ge=0)]) = Field(
         42, min_length=1, validate_default=True, description="seed of each SAE's initialisation"

@@ -9,6 +9,10 @@ SAE we trained, in its v6 layout (``metadata`` with ``sae_lens_version``), so ``
   ``threshold`` [d_sae] holding the learned global threshold in every entry; SAELens computes
   ``z = relu(pre) * (pre > threshold)``, our inference rule. One whose threshold was never estimated computes
   per-token top-k, and is exported as TopK.
+* Matryoshka BatchTopK: the same (SAELens saves its ``MatryoshkaBatchTopKTrainingSAE`` as JumpReLU too); the
+  nested widths are kept in ``metadata.training_architecture_details.matryoshka_widths``.
+* JumpReLU: ``architecture="jumprelu"`` with the learned ``threshold`` [d_sae]; our inference rule
+  ``z = pre * (pre > threshold)`` with thresholds >= 0 is SAELens' ``relu(pre) * (pre > threshold)``.
 * ``metadata``: the keys SAELens' trainer writes and SAEBench reads (model_name, hook_name, hook_layer,
   context_size, prepend_bos, exclude_special_tokens, dataset_path, ...) from the activation run's manifest, plus
   how to hook the model (``hook_name`` is the Hugging Face module path, ``hook_side`` which side of it, and
@@ -27,6 +31,7 @@ import torch
 
 from sae_pipeline.infra.errors import PipelineError
 from sae_pipeline.lm.layers import LayerSpec
+from sae_pipeline.sae.architectures import BATCH_TOPK_FAMILY
 from sae_pipeline.sae.model import THRESHOLD_EMA, PipelineSae
 from sae_pipeline.store.files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
@@ -37,7 +42,9 @@ SAELENS_VERSION = "6.54.12"  # the SAELens release whose layout is written; test
 
 def saelens_architecture(sae: PipelineSae) -> str:
     """What SAELens calls the model that computes our inference codes."""
-    if sae.architecture == "batchtopk" and float(sae.sae_engine.threshold) >= 0:
+    if sae.architecture == "jumprelu":
+        return "jumprelu"
+    if sae.architecture in BATCH_TOPK_FAMILY and float(sae.sae_engine.threshold) >= 0:
         return "jumprelu"
     return "topk"
 
@@ -51,7 +58,9 @@ def saelens_weights(sae: PipelineSae) -> dict[str, torch.Tensor]:
         "W_dec": (w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)).contiguous(),
         "b_dec": eng.b_dec.detach().float().cpu().clone(),
     }
-    if saelens_architecture(sae) == "jumprelu":
+    if sae.architecture == "jumprelu":
+        weights["threshold"] = eng.jump_threshold.detach().float().cpu().clone()
+    elif saelens_architecture(sae) == "jumprelu":
         weights["threshold"] = torch.full_like(weights["b_enc"], float(eng.threshold))
     return weights
 
@@ -61,9 +70,15 @@ def saelens_config(
 ) -> dict[str, Any]:
     """cfg.json: SAELens' inference config of the architecture, with the activation run's facts as metadata."""
     architecture = saelens_architecture(sae)
+    eng = sae.sae_engine
     details: dict[str, Any] = {"k": sae.k}
-    if sae.architecture == "batchtopk":
-        details.update(topk_threshold=float(sae.sae_engine.threshold), topk_threshold_lr=THRESHOLD_EMA)
+    if sae.architecture in BATCH_TOPK_FAMILY:
+        details.update(topk_threshold=float(eng.threshold), topk_threshold_lr=THRESHOLD_EMA)
+    if sae.architecture == "matryoshka_batchtopk":
+        details.update(matryoshka_widths=list(eng.matryoshka_widths))
+    if sae.architecture == "jumprelu":
+        details = {"target_l0": sae.k, "jumprelu_sparsity_loss_mode": "quadratic"}
+        details.update(jumprelu_bandwidth=float(eng.bandwidth), jumprelu_ste_to_input=False)
     metadata = {
         "sae_lens_version": SAELENS_VERSION,
         "sae_lens_training_version": None,  # trained by this pipeline, not by SAELens

@@ -101,8 +101,18 @@ def summary(
         f"Held-out: FVU {holdout['fvu']:.4f}, {describe_l0(holdout['l0'], spec.top_k, spec.architecture)}, "
         f"{describe_never_fired(holdout['never_fired_fraction'], holdout['n_tokens'], 'held-out', spec.n_latents)}, "
         f"dead (no firing in the last {trainer.window:,} training tokens) {holdout['dead_fraction']:.1%}. "
-        f"In {run.dir}: model.pt (mi_crow TopKSae.load), saelens/, history.json, meta.json, training_curves.png."
+        f"In {run.dir}: model.pt ({model_loader(spec.architecture)}), saelens/, history.json, meta.json, "
+        "training_curves.png."
     )
+
+
+def model_loader(architecture: str) -> str:
+    """Which loader computes the SAE's codes from model.pt (sae/model.py says why the threshold ones need ours)."""
+    if architecture == "jumprelu":
+        return "PipelineSae.load; mi_crow's TopKSae cannot represent JumpReLU"
+    if architecture != "topk":
+        return "PipelineSae.load for the learned threshold; mi_crow TopKSae.load uses per-token top-k"
+    return "mi_crow TopKSae.load"
 
 
 def report_end(plan: SweepPlan, complete: bool) -> None:

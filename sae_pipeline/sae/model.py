@@ -7,6 +7,9 @@ keys) and adds, in a subclass of the engine:
 * ``b_dec`` [d_in]: subtracted from x before encoding and added after decoding (Gao et al. 2024, SAELens, sparsify);
 * ``architecture="batchtopk"``: in training the k x batch largest activations of the whole batch are kept; a
   threshold (an exponential moving average of the smallest kept activation) replaces the selection at inference;
+  ``"matryoshka_batchtopk"`` selects the same way (its nested-prefix loss: ``sae/architectures.py``);
+* ``architecture="jumprelu"``: a learned threshold per latent (``jump_threshold``) and the kernel ``bandwidth`` of
+  its straight-through estimator (``sae/architectures.py``);
 * the decoder rows ``dictionary._weights`` are kept at unit norm by the trainer, so the overcomplete dictionary's
   own normalisation is a no-op and the raw rows are the decoder.
 
@@ -20,7 +23,10 @@ plain loader computes exactly our pre-activations and codes (for TopK; for Batch
 instead of the threshold). The plain loader's reconstruction lacks the decoder bias: add
 ``payload["pipeline_sae"]["b_dec"]`` (also in ``saelens/sae_weights.safetensors``) to its output. The extra key
 ``pipeline_sae`` = ``{"format", "architecture", "k", "b_dec", "threshold"}`` is ignored by mi_crow and read back
-by ``PipelineSae.load``, which unfolds the bias.
+by ``PipelineSae.load``, which unfolds the bias. It also holds ``matryoshka_widths`` and, for JumpReLU,
+``thresholds`` [n_latents] and ``bandwidth``, and ``mi_crow_topksae``: what mi_crow's plain loader computes from the
+file. A JumpReLU SAE cannot be represented by mi_crow's TopKSae (it has no per-latent thresholds): the plain loader
+opens the file but computes per-token top-k codes with k = TOP_K, not the SAE's; use ``PipelineSae.load``.
 """
 
 from __future__ import annotations
@@ -35,10 +41,24 @@ from overcomplete import TopKSAE as OvercompleteTopKSAE
 from torch import nn
 
 from sae_pipeline.infra.errors import PipelineError
+from sae_pipeline.sae.architectures import (
+    ARCHITECTURES,
+    THRESHOLD_SAMPLE_TOKENS,
+    JumpReLU,
+    check_matryoshka_widths,
+    default_matryoshka_widths,
+    initial_thresholds,
+)
 from sae_pipeline.store.files import atomic_torch_save, load_torch_file
 
-ARCHITECTURES = ("topk", "batchtopk")
 FORMAT = 1
+MI_CROW_TOPKSAE = {  # what mi_crow's plain TopKSae.load computes from our model.pt, per architecture
+    "topk": "the SAE's codes (add b_dec to its reconstruction)",
+    "batchtopk": "per-token top-k codes instead of the learned threshold (add b_dec to its reconstruction)",
+    "matryoshka_batchtopk": "per-token top-k codes instead of the learned threshold (add b_dec to its reconstruction)",
+    "jumprelu": "not representable: mi_crow's TopKSae has no per-latent thresholds; it computes per-token top-k "
+    "codes with k = TOP_K, not this SAE's; load with sae_pipeline.sae.model.PipelineSae.load",
+}
 THRESHOLD_EMA = 0.01  # SAELens' BatchTopK threshold learning rate
 # state_dict keys of mi_crow's plain engine (overcomplete TopKSAE with the "linear" encoder)
 W_ENC_KEY = "encoder.final_block.0.weight"
@@ -48,9 +68,17 @@ MULTIPLIER_KEY = "dictionary.multiplier"
 
 
 class BiasedTopKEngine(OvercompleteTopKSAE):
-    """overcomplete's TopKSAE with a decoder bias and an optional BatchTopK selection."""
+    """overcomplete's TopKSAE with a decoder bias and the BatchTopK, Matryoshka and JumpReLU selections."""
 
-    def __init__(self, n_inputs: int, n_latents: int, k: int, architecture: str = "topk", device: str = "cpu"):
+    def __init__(
+        self,
+        n_inputs: int,
+        n_latents: int,
+        k: int,
+        architecture: str = "topk",
+        device: str = "cpu",
+        matryoshka_widths: tuple[int, ...] | None = None,
+    ):
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         super().__init__(input_shape=n_inputs, nb_concepts=n_latents, top_k=k, device=device)
@@ -58,6 +86,13 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
         self.b_dec = nn.Parameter(torch.zeros(n_inputs, device=device))
         # BatchTopK inference threshold; negative = not estimated yet (per-token top-k is used meanwhile)
         self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+        self.matryoshka_widths: tuple[int, ...] = ()
+        if architecture == "matryoshka_batchtopk":
+            self.matryoshka_widths = tuple(matryoshka_widths or default_matryoshka_widths(n_latents))
+            check_matryoshka_widths(self.matryoshka_widths, n_latents)
+        if architecture == "jumprelu":
+            self.jump_threshold = nn.Parameter(torch.zeros(n_latents, device=device))
+            self.register_buffer("bandwidth", torch.tensor(1.0, device=device))
 
     @property
     def W_enc(self) -> nn.Parameter:  # [n_latents, d_in], nn.Linear layout
@@ -79,7 +114,12 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
         return F.linear(x - b_dec, self.W_enc, self.b_enc) - self.W_enc @ (self.b_dec - b_dec)
 
     def select(self, pre: torch.Tensor) -> torch.Tensor:
-        """Sparse codes from pre-activations: ReLU then TopK per token, or BatchTopK over the batch."""
+        """Sparse codes from pre-activations: ReLU then TopK per token, BatchTopK over the batch, or JumpReLU (in
+        float32, so training, evaluation and the exports compare with the same thresholds)."""
+        if self.architecture == "jumprelu":
+            if self.training:
+                return JumpReLU.apply(pre.float(), self.jump_threshold, self.bandwidth)
+            return pre.float() * (pre.float() > self.jump_threshold)
         acts = F.relu(pre)
         if self.architecture == "topk" or (not self.training and self.threshold < 0):
             top = acts.topk(self.top_k, dim=-1, sorted=False)
@@ -131,6 +171,21 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
         self.threshold.fill_(-1.0)
 
     @torch.no_grad()
+    def initialize_thresholds(self, sample: torch.Tensor, bandwidth: float) -> None:
+        """JumpReLU: thresholds at which each latent fires on k/n of the sample's tokens (L0 ≈ k from the start),
+        and the kernel bandwidth in units of the sample's per-dimension RMS about b_dec, SAELens' units."""
+        x = sample[:THRESHOLD_SAMPLE_TOKENS].float()
+        self.jump_threshold.copy_(initial_thresholds(self.pre_acts(x), self.top_k))
+        rms = (x - self.b_dec).pow(2).mean().sqrt()
+        self.bandwidth.fill_(bandwidth * float(rms))
+
+    @torch.no_grad()
+    def clamp_thresholds(self) -> None:
+        """JumpReLU thresholds stay non-negative (below zero the gate would pass negative pre-activations)."""
+        if self.architecture == "jumprelu":
+            self.jump_threshold.clamp_(min=0.0)
+
+    @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Unit-norm decoder rows, so latent activations carry the scale (Gao et al.; sparsify)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
@@ -144,7 +199,8 @@ class BiasedTopKEngine(OvercompleteTopKSAE):
 
 
 class PipelineSae(TopKSae):
-    """mi_crow's TopKSae with a decoder bias and BatchTopK; usable wherever mi_crow expects a TopKSae."""
+    """mi_crow's TopKSae with a decoder bias and the other architectures; usable wherever mi_crow expects a TopKSae
+    (JumpReLU: our hooks compute its codes, mi_crow's file loader cannot; module doc)."""
 
     def __init__(
         self,
@@ -155,8 +211,10 @@ class PipelineSae(TopKSae):
         device: str = "cpu",
         hook_id: str | None = None,
         store: Any = None,
+        matryoshka_widths: tuple[int, ...] | None = None,
     ):
-        self._k, self._architecture = k, architecture  # read by _initialize_sae_engine during super().__init__
+        # read by _initialize_sae_engine during super().__init__
+        self._k, self._architecture, self._matryoshka_widths = k, architecture, matryoshka_widths
         super().__init__(n_latents, n_inputs, hook_id=hook_id, device=device, store=store)
         self.k = k  # mi_crow's trainer/savers look for ``sae.k``
 
@@ -164,7 +222,12 @@ class PipelineSae(TopKSae):
         if k is not None:
             self._k = self.k = k
         return BiasedTopKEngine(
-            self.context.n_inputs, self.context.n_latents, self._k, self._architecture, device=self.context.device
+            self.context.n_inputs,
+            self.context.n_latents,
+            self._k,
+            self._architecture,
+            device=self.context.device,
+            matryoshka_widths=self._matryoshka_widths,
         )
 
     @property
@@ -205,8 +268,17 @@ class PipelineSae(TopKSae):
                 "k": self._k,
                 "b_dec": b_dec.clone(),
                 "threshold": float(eng.threshold),
+                "matryoshka_widths": list(eng.matryoshka_widths) or None,
+                **self._jumprelu_payload(),
+                "mi_crow_topksae": MI_CROW_TOPKSAE[self._architecture],
             },
         }
+
+    def _jumprelu_payload(self) -> dict[str, Any]:
+        eng = self.sae_engine
+        if self._architecture != "jumprelu":
+            return {}
+        return {"thresholds": eng.jump_threshold.detach().float().cpu().clone(), "bandwidth": float(eng.bandwidth)}
 
     def save(self, name: str, path: str | Path | None = None, k: int | None = None) -> Path:
         """Write ``<path>/<name>.pt`` atomically (mi_crow's signature; ``k`` must match ours if given)."""
@@ -224,8 +296,13 @@ class PipelineSae(TopKSae):
             meta, state = payload["mi_crow_metadata"], payload["sae_state_dict"]
             extra = payload.get("pipeline_sae", {})
             k = int(extra.get("k", meta["k"]))
+            widths = extra.get("matryoshka_widths")
             sae = PipelineSae(
-                int(meta["n_latents"]), int(meta["n_inputs"]), k, architecture=extra.get("architecture", "topk")
+                int(meta["n_latents"]),
+                int(meta["n_inputs"]),
+                k,
+                architecture=extra.get("architecture", "topk"),
+                matryoshka_widths=tuple(widths) if widths else None,
             )
             b_dec = extra.get("b_dec", torch.zeros(int(meta["n_inputs"]))).float()
             eng = sae.sae_engine
@@ -236,6 +313,9 @@ class PipelineSae(TopKSae):
                 eng.dictionary.multiplier.copy_(state[MULTIPLIER_KEY])
                 eng.b_dec.copy_(b_dec)
                 eng.threshold.fill_(float(extra.get("threshold", -1.0)))
+                if sae.architecture == "jumprelu":
+                    eng.jump_threshold.copy_(extra["thresholds"])
+                    eng.bandwidth.fill_(float(extra["bandwidth"]))
             concepts = meta.get("concepts_state") or {}
             if "multiplication" in concepts:
                 sae.concepts.multiplication.data = concepts["multiplication"].float()

@@ -36,6 +36,9 @@ from sae_pipeline.store.training import CheckpointCommit, Sweep, TrainingRun
 # Dense [batch, n_latents] float32 tensors alive at the peak of one step (pre-activations, codes, their autocast and
 # AuxK copies, gradients): measured on CPU with benchmarks/train_memory.py, rounded up.
 DENSE_TENSORS_PER_STEP = 10
+# ... and the ones an architecture adds (Matryoshka's prefix decodes, JumpReLU's float32 gates), measured the same
+# way (+1.3 and +0.5 over TopK), rounded up.
+EXTRA_DENSE_TENSORS = {"matryoshka_batchtopk": 2, "jumprelu": 1}
 STATE_FLOATS_PER_PARAM = 4  # the parameter, its gradient, Adam's two moments
 GIB = 1 << 30
 
@@ -50,6 +53,7 @@ class SaeSpec:
     architecture: str
     lr: float
     seed: int
+    matryoshka_widths: tuple[int, ...] | None = None  # matryoshka_batchtopk only: the nested prefixes
 
     @property
     def n_latents(self) -> int:
@@ -67,6 +71,7 @@ class SaeSpec:
             "architecture": self.architecture,
             "lr": self.lr,
             "seed": self.seed,
+            **({"matryoshka_widths": list(self.matryoshka_widths)} if self.matryoshka_widths else {}),
         }
 
     def state_bytes(self) -> int:
@@ -75,7 +80,8 @@ class SaeSpec:
         return 4 * STATE_FLOATS_PER_PARAM * (2 * n * d + n + d) + 3 * 8 * n
 
     def batch_bytes(self, batch_tokens: int) -> int:
-        return 4 * DENSE_TENSORS_PER_STEP * batch_tokens * self.n_latents
+        dense = DENSE_TENSORS_PER_STEP + EXTRA_DENSE_TENSORS.get(self.architecture, 0)
+        return 4 * dense * batch_tokens * self.n_latents
 
 
 def select_layers(settings: TrainSettings, run_layers: list[LayerSpec], run_id: str) -> list[LayerSpec]:
@@ -98,9 +104,15 @@ def select_layers(settings: TrainSettings, run_layers: list[LayerSpec], run_id: 
 
 
 def build_grid(settings: TrainSettings, layers: list[LayerSpec]) -> list[SaeSpec]:
-    """Every combination, in the fixed order of the module docstring; refuses TOP_K >= n_latents by name."""
+    """Every combination, in the fixed order of the module docstring; refuses TOP_K >= n_latents and Matryoshka
+    widths that do not fit the SAE, by name."""
+    if settings.matryoshka_widths and "matryoshka_batchtopk" not in settings.sae_architecture:
+        raise PipelineError(
+            "MATRYOSHKA_WIDTHS is set but SAE_ARCHITECTURE trains no matryoshka_batchtopk SAE: add "
+            "matryoshka_batchtopk to SAE_ARCHITECTURE or unset MATRYOSHKA_WIDTHS"
+        )
     grid = [
-        SaeSpec(layer, mult, k, arch, lr, seed)
+        SaeSpec(layer, mult, k, arch, lr, seed, matryoshka_widths(settings, arch, layer.d_model * mult))
         for layer in layers
         for mult in settings.n_latents_multiplier
         for k in settings.top_k
@@ -116,6 +128,23 @@ def build_grid(settings: TrainSettings, layers: list[LayerSpec]) -> list[SaeSpec
                 f"{spec.layer.d_model} x N_LATENTS_MULTIPLIER {spec.n_latents_multiplier}{where})"
             )
     return grid
+
+
+def matryoshka_widths(settings: TrainSettings, architecture: str, n_latents: int) -> tuple[int, ...] | None:
+    """MATRYOSHKA_WIDTHS, or its default for this width, for a Matryoshka SAE (None for the others)."""
+    from sae_pipeline.sae.architectures import check_matryoshka_widths, default_matryoshka_widths
+
+    if architecture != "matryoshka_batchtopk":
+        return None
+    widths = tuple(settings.matryoshka_widths or default_matryoshka_widths(n_latents))
+    try:
+        check_matryoshka_widths(widths, n_latents)
+    except ValueError as exc:
+        raise PipelineError(
+            f"MATRYOSHKA_WIDTHS={','.join(map(str, widths))} is not valid: {exc} (d_model x "
+            "N_LATENTS_MULTIPLIER; unset it for the default n/64,n/16,n/4,n)"
+        ) from None
+    return widths
 
 
 def member_ids(sae_run_id: str, grid: list[SaeSpec], settings: TrainSettings) -> list[str]:

@@ -6,7 +6,10 @@ linear warm-up and final linear decay; the decoder-norm-changing part of its gra
 unit-norm decoder after every step; autocast on CUDA. AuxK (Gao et al. 2024): e = (x − x̂) detached;
 ê = W_dec · TopK_{k_aux}(pre-activations of dead latents), without b_dec;
 loss = Σ‖e − ê‖² / Σ‖e − mean e‖² x min(n_dead / k_aux, 1), k_aux = d_in / 2. A latent is dead when it
-has not fired in the last DEAD_TOKENS_WINDOW training tokens.
+has not fired in the last DEAD_TOKENS_WINDOW training tokens. AuxK runs for every architecture (for JumpReLU the
+dead latents' pre-activations are pushed towards their thresholds the same way). The architectures' own terms
+(``sae/architectures.py``): Matryoshka adds the FVU of every inner prefix; JumpReLU adds JUMPRELU_L0_COEFFICIENT x
+its L0 target penalty (target TOP_K) and keeps its thresholds non-negative after every step.
 
 Several processes: per SAE and step one all-reduce makes gradients, dead-latent counters, logged loss and the
 BatchTopK threshold global, so every rank steps identically (infra/distributed.py).
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sae_pipeline.infra.distributed import Dist
+from sae_pipeline.sae.architectures import jumprelu_l0_loss, matryoshka_inner_loss
 from sae_pipeline.sae.metrics import ReconstructionStats, dead_fraction, fvu, rounded
 from sae_pipeline.sae.sweep import SaeSpec
 from sae_pipeline.settings import TrainSettings
@@ -71,7 +75,9 @@ class Trainer:
 
         d_in, n_latents = spec.layer.d_model, spec.n_latents
         self.spec, self.settings, self.total_steps, self.window, self.dist = spec, settings, total_steps, window, dist
-        self.sae: PipelineSae = PipelineSae(n_latents, d_in, spec.top_k, spec.architecture)
+        self.sae: PipelineSae = PipelineSae(
+            n_latents, d_in, spec.top_k, spec.architecture, matryoshka_widths=spec.matryoshka_widths
+        )
         self.sae.context.lm_layer_signature, self.sae.context.model_id = spec.layer.signature, model_id
         self.eng: BiasedTopKEngine = self.sae.to_device(device).sae_engine
         self.opt = torch.optim.Adam(self.eng.parameters(), lr=spec.lr, fused=device.type == "cuda")
@@ -100,6 +106,8 @@ class Trainer:
         """b_dec from rank 0's data sample, the rest from the SAE's seed; the same on every rank."""
         torch.manual_seed(self.spec.seed)
         self.eng.initialize(geometric_median(sample.float()), self.spec.seed)
+        if self.spec.architecture == "jumprelu":
+            self.eng.initialize_thresholds(sample, self.settings.jumprelu_bandwidth)
         self.dist.broadcast_module(self.eng)
 
     def step(self, x: torch.Tensor) -> int:
@@ -110,9 +118,10 @@ class Trainer:
         with torch.autocast(x.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
             pre, z, x_hat = self.eng(x)
         pre, z, x_hat = pre.float(), z.float(), x_hat.float()
-        # 2. loss: FVU + AuxK on the dead latents + L1 on the codes
+        # 2. loss: FVU + AuxK on the dead latents + L1 on the codes + the architecture's own term
         aux = auxk_loss(self.eng, pre, x, x_hat, dead, self.k_aux) if self.settings.auxk_alpha else x.new_zeros(())
         loss = fvu(x, x_hat) + self.settings.auxk_alpha * aux + self.settings.l1_lambda * z.abs().mean()
+        loss = loss + self.architecture_loss(x, pre, z)
         # 3. backward
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -126,8 +135,9 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        # 6. unit-norm decoder rows
+        # 6. unit-norm decoder rows, non-negative JumpReLU thresholds
         self.eng.normalize_decoder()
+        self.eng.clamp_thresholds()
         # 7. counters and metrics
         self.since_fired.add_(n_tokens).masked_fill_(fired, 0)
         self.log_stats.update(x, x_hat.detach(), z.detach())
@@ -137,6 +147,14 @@ class Trainer:
         self.steps_since_log += 1
         self.steps_this_epoch += 1
         return n_tokens
+
+    def architecture_loss(self, x: torch.Tensor, pre: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Matryoshka: FVU of every inner prefix; JumpReLU: its L0 target penalty (module docstring)."""
+        if self.spec.architecture == "matryoshka_batchtopk":
+            return matryoshka_inner_loss(self.eng, x, z)
+        if self.spec.architecture == "jumprelu":
+            return self.settings.jumprelu_l0_coefficient * jumprelu_l0_loss(self.eng, pre, self.spec.top_k)
+        return x.new_zeros(())
 
     def _all_reduce(self, x, z, loss, aux) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(latents fired, loss, AuxK loss, tokens) of the step over all ranks; gradients and the BatchTopK

@@ -107,6 +107,21 @@ CASES = [
     Case("EPOCHS=-1", STEP2, {"EPOCHS": "-1"}, expect=("EPOCHS='-1'", "greater than or equal to 1")),
     Case("LR=0", STEP2, {"LR": "0"}, expect=("LR='0'", "greater than 0")),
     Case("TOP_K-list>n_latents", STEP2, {"TOP_K": "4,1000"}, expect=("TOP_K=1000", "1..127")),
+    Case(
+        "MATRYOSHKA_WIDTHS-not-ending-at-n_latents",
+        STEP2,
+        {"SAE_ARCHITECTURE": "matryoshka_batchtopk", "MATRYOSHKA_WIDTHS": "8,64"},
+        expect=("MATRYOSHKA_WIDTHS=8,64 is not valid", "n_latents = 128"),
+    ),
+    Case(
+        "MATRYOSHKA_WIDTHS=0",
+        STEP2,
+        {"SAE_ARCHITECTURE": "matryoshka_batchtopk", "MATRYOSHKA_WIDTHS": "0,128"},
+        expect=("MATRYOSHKA_WIDTHS", "greater than or equal to 1"),
+    ),
+    Case(
+        "JUMPRELU_BANDWIDTH=0", STEP2, {"JUMPRELU_BANDWIDTH": "0"}, expect=("JUMPRELU_BANDWIDTH='0'", "greater than 0")
+    ),
     Case("LAYER_NUM-not-in-run-step2", STEP2, {"LAYER_NUM": "2,3"}, expect=("LAYER_NUM=2,3", "holds LAYER_NUM 2")),
     Case(
         "sweep-does-not-fit",

@@ -45,3 +45,28 @@ def test_a_sweep_is_evaluated_into_one_report_and_each_member_as_alone(trained_t
     for key in ("downstream", "reconstruction", "firing_frequency", "browser", "eval_data"):
         assert single[key] == in_sweep[key], key
     assert "time per stage: load" in alone.stdout
+
+
+def test_the_threshold_architectures_are_evaluated_like_topk(trained_tiny_model, tmp_path):
+    """A sweep over SAE_ARCHITECTURE (TopK beside Matryoshka BatchTopK and JumpReLU) through steps 1-3: every
+    member gets the same metrics, browser and place in the report."""
+    store = tmp_path / "store"
+    env = {**_env(trained_tiny_model, store), **FAST}
+    steps = (
+        (STEP1, {}, ("--run_id", "acts")),
+        (STEP2, {"SAE_ARCHITECTURE": "topk,matryoshka_batchtopk,jumprelu"}, ("--sae_run_id", "arch")),
+        (STEP3, {}, ()),
+    )
+    for script, extra, args in steps:
+        res = run_script(script, {**env, **extra}, *args)
+        assert res.returncode == 0, f"{script}: {res.stderr[-3000:]}"
+    members = ["arch.L2.k4.x2.topk.s42", "arch.L2.k4.x2.matryoshka_batchtopk.s42", "arch.L2.k4.x2.jumprelu.s42"]
+    report = json.loads((store / "runs" / "arch" / "evaluation" / "sweep.json").read_text(encoding="utf-8"))
+    assert [m["sae_run_id"] for m in report["members"]] == members
+    metrics = [_metrics(store, member) for member in members]
+    for m in metrics:
+        assert set(m) == set(metrics[0])
+        assert 0 < m["reconstruction"]["eval_texts"]["fvu"] < 1, m["reconstruction"]
+        assert 0 < m["downstream"]["ce_loss_recovered"] <= 1, m["downstream"]
+    for member in members:
+        assert (store / "runs" / member / "evaluation" / "feature_browser.html").is_file()

@@ -1,5 +1,5 @@
-"""The SAELens export through the real scripts (capture, then training of a TopK and a BatchTopK SAE), opened by
-SAELens itself.
+"""The SAELens export through the real scripts (capture, then training of a TopK, a BatchTopK, a Matryoshka
+BatchTopK and a JumpReLU SAE), opened by SAELens itself.
 
 SAELens runs in its own environment (tests/saelens_env, pinned by its own uv.lock; it pins numpy 2 and
 transformer-lens, which the pipeline's mi_crow cannot share): ``SAE.load_from_disk``, then its encode and decode on
@@ -21,7 +21,13 @@ from sae_pipeline.store.runs import Store
 from tests.helpers import SAMPLE, pipeline_env, run_saelens, run_script
 
 SIG = "llamaforcausallm_model_layers_2_post_attention_layernorm"
-SAES = {"sae_topk": "topk", "sae_batchtopk": "batchtopk"}
+SAES = {
+    "sae_topk": "topk",
+    "sae_batchtopk": "batchtopk",
+    "sae_matryoshka": "matryoshka_batchtopk",
+    "sae_jumprelu": "jumprelu",
+}
+MATRYOSHKA_WIDTHS = "8,32,128"  # the tiny model's d_model 64 x N_LATENTS_MULTIPLIER 2
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,8 @@ def store(tiny_model, tmp_path_factory):
     res = run_script("01_save_activations.py", env, "--run_id", "acts")
     assert res.returncode == 0, res.stderr[-3000:]
     for sae_run_id, architecture in SAES.items():
-        res = run_script("02_train_sae.py", {**env, "SAE_ARCHITECTURE": architecture}, "--sae_run_id", sae_run_id)
+        arch_env = {**env, "SAE_ARCHITECTURE": architecture, "MATRYOSHKA_WIDTHS": MATRYOSHKA_WIDTHS}
+        res = run_script("02_train_sae.py", arch_env, "--sae_run_id", sae_run_id)
         assert res.returncode == 0, res.stderr[-3000:]
     return store
 
@@ -64,10 +71,13 @@ def test_saelens_itself_computes_our_codes(store, tmp_path):
         save_file({"x": x, "z": z, "x_hat": x_hat}, str(tmp_path / f"{sae_run_id}.safetensors"))
         checks[store / "runs" / sae_run_id / "saelens"] = tmp_path / f"{sae_run_id}.safetensors"
 
-    topk, batchtopk = run_saelens(checks)
+    topk, batchtopk, matryoshka, jumprelu = results = run_saelens(checks)
     assert (topk["class"], topk["architecture"]) == ("TopKSAE", "topk")
-    assert (batchtopk["class"], batchtopk["architecture"]) == ("JumpReLUSAE", "jumprelu")
-    for result in (topk, batchtopk):
+    for result in (batchtopk, matryoshka, jumprelu):  # SAELens saves BatchTopK and Matryoshka as JumpReLU too
+        assert (result["class"], result["architecture"]) == ("JumpReLUSAE", "jumprelu"), result
+    assert matryoshka["metadata"]["training_architecture_details"]["matryoshka_widths"] == [8, 32, 128]
+    assert jumprelu["distinct_thresholds"] > 64 and batchtopk["distinct_thresholds"] == 1  # one per latent
+    for result in results:
         assert result["sae_lens_version"] == SAELENS_VERSION
         assert result["same_active_latents"], result
         assert result["codes_max_abs_diff"] <= 1e-5, result

@@ -174,3 +174,30 @@ def test_a_killed_sweep_resumes_every_sae_at_the_same_step_and_ends_like_the_uni
     assert reference == tmp_path / "runs" / "ref"
     for a, b in zip(got, want):
         assert_same_training(a.dir, b.dir)
+
+
+def test_a_killed_sweep_of_the_threshold_architectures_ends_like_the_uninterrupted_sweep(tmp_path):
+    """Matryoshka BatchTopK and JumpReLU as one sweep's axis: their extra state (the BatchTopK threshold, the
+    JumpReLU thresholds and bandwidth, Adam's moments for them) survives a kill bit for bit."""
+    make_run(tmp_path, shard_sizes=SHARDS)
+    sweep = dict(SAE_ARCHITECTURE="matryoshka_batchtopk,jumprelu", EPOCHS="2")
+    env = train_env(tmp_path, SETTINGS, **sweep)
+    commit = tmp_path / "runs" / "arch" / "checkpoint.json"
+    proc = _start(env, "arch")
+    record = _wait_for_commit(proc, commit, lambda r: r["step"] >= 75)
+    _kill(proc)
+
+    done = run_script("02_train_sae.py", env, "--sae_run_id", "arch")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _resumed_at(done.stderr) >= record["step"]
+    _reference(tmp_path, "ref", **sweep)
+    got, want = training_runs(Store(tmp_path), "arch"), training_runs(Store(tmp_path), "ref")
+    assert [r.run_id for r in got] == ["arch.L1.k4.x4.matryoshka_batchtopk.s42", "arch.L1.k4.x4.jumprelu.s42"]
+    for a, b in zip(got, want):
+        assert_same_training(a.dir, b.dir)
+    matryoshka, jumprelu = (torch.load(r.dir / "model.pt", weights_only=True)["pipeline_sae"] for r in got)
+    assert matryoshka["matryoshka_widths"] == [2, 8, 32, 128] and matryoshka["threshold"] > 0
+    assert jumprelu["thresholds"].unique().numel() > 64 and jumprelu["bandwidth"] > 0
+    last = json.loads((got[1].dir / "history.json").read_text())["steps"][-1]
+    # neither collapsed nor dense; 244 steps at LR 2e-3 are too few to reach TOP_K = 4 (docs/architectures.md)
+    assert 1 < last["l0"] < 8, last

@@ -1,6 +1,7 @@
-"""SAELens export: the layout SAELens 6 itself writes for each architecture (a TopK SAE as "topk", a BatchTopK SAE
-as "jumprelu" with its threshold), SAELens' formulas on the folder give our codes, and the metadata comes from the
-activation run's manifest (built here by the store's own builder, as capture builds it).
+"""SAELens export: the layout SAELens 6 itself writes for each architecture (a TopK SAE as "topk", a BatchTopK or
+Matryoshka SAE as "jumprelu" with its threshold, a JumpReLU SAE as "jumprelu" with its thresholds), SAELens'
+formulas on the folder give our codes, and the metadata comes from the activation run's manifest
+(built here by the store's own builder, as capture builds it).
 
 SAELens itself runs on exports of the real scripts in tests/e2e/test_saelens_export.py.
 """
@@ -50,7 +51,9 @@ def _sae(architecture="topk", x=None):
     with torch.no_grad():
         eng.b_enc.normal_(0, 0.3)
         eng.W_enc.add_(0.2 * torch.randn(N, D))
-    if architecture == "batchtopk" and x is not None:
+    if architecture == "jumprelu" and x is not None:
+        eng.initialize_thresholds(x, 0.05)
+    if architecture in ("batchtopk", "matryoshka_batchtopk") and x is not None:
         eng.train()
         for batch in x.split(64):  # learns the inference threshold, as training does
             eng(batch)
@@ -106,6 +109,35 @@ def test_batchtopk_is_exported_as_saelens_jumprelu_with_its_threshold(run, tmp_p
     assert (z != 0).sum(1).float().std() > 0  # a varying number of latents per token: not per-token top-k
     _, x_hat_topk = saelens_forward({"architecture": "topk", "k": K}, w, x)
     assert (x_hat_topk - x_hat).abs().max() > 0.1
+
+
+def test_matryoshka_is_exported_as_jumprelu_with_its_widths_in_the_metadata(run, tmp_path):
+    x = _tokens(run)
+    sae = _sae("matryoshka_batchtopk", x)
+    cfg, w = _export(sae, run, tmp_path)
+    assert set(cfg) == SAELENS_JUMPRELU_KEYS and cfg["architecture"] == "jumprelu"
+    assert torch.equal(w["threshold"], torch.full((N,), float(sae.sae_engine.threshold)))
+    assert cfg["metadata"]["training_architecture"] == "matryoshka_batchtopk"
+    assert cfg["metadata"]["training_architecture_details"]["matryoshka_widths"] == [2, 8, 32, 128]
+    _, z, x_hat = sae.sae_engine(x)
+    z_lens, x_hat_lens = saelens_forward(cfg, w, x)
+    assert torch.equal(z_lens != 0, z != 0) and (x_hat_lens - x_hat).abs().max() <= 1e-5
+
+
+def test_jumprelu_is_exported_with_its_thresholds_per_latent(run, tmp_path):
+    x = _tokens(run)
+    sae = _sae("jumprelu", x)
+    thresholds = sae.sae_engine.jump_threshold.detach()
+    assert thresholds.unique().numel() > N // 2  # one per latent
+    cfg, w = _export(sae, run, tmp_path)
+    assert set(cfg) == SAELENS_JUMPRELU_KEYS and cfg["architecture"] == "jumprelu"
+    assert torch.equal(w["threshold"], thresholds)
+    details = cfg["metadata"]["training_architecture_details"]
+    assert details["target_l0"] == K and details["jumprelu_bandwidth"] == float(sae.sae_engine.bandwidth)
+    _, z, x_hat = sae.sae_engine(x)
+    z_lens, x_hat_lens = saelens_forward(cfg, w, x)
+    assert torch.equal(z_lens != 0, z != 0) and (x_hat_lens - x_hat).abs().max() <= 1e-5
+    assert 0 < (z != 0).sum(1).float().mean() < 3 * K
 
 
 def test_batchtopk_without_a_threshold_is_exported_as_topk(run, tmp_path):

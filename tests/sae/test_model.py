@@ -51,15 +51,21 @@ def test_mi_crow_topksae_load_opens_our_model_pt(tmp_path):
 
 
 def test_our_load_round_trips_exactly(tmp_path):
-    for arch in ("topk", "batchtopk"):
+    for arch in ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"):
         sae = _random_sae(arch)
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka_batchtopk"):
             sae.sae_engine.train()
             sae.sae_engine(torch.randn(32, 24))  # estimates the threshold
+        if arch == "jumprelu":
+            sae.sae_engine.initialize_thresholds(torch.randn(200, 24), bandwidth=0.05)
         path = sae.save("model", tmp_path / arch)
         back = PipelineSae.load(path)
         assert back.architecture == arch and back.k == 5
         assert float(back.sae_engine.threshold) == pytest.approx(float(sae.sae_engine.threshold))
+        assert back.sae_engine.matryoshka_widths == sae.sae_engine.matryoshka_widths
+        if arch == "jumprelu":
+            assert torch.equal(back.sae_engine.jump_threshold, sae.sae_engine.jump_threshold)
+            assert torch.equal(back.sae_engine.bandwidth, sae.sae_engine.bandwidth)
         sae.sae_engine.eval(), back.sae_engine.eval()
         x = torch.randn(50, 24)
         assert (back.forward(x) - sae.forward(x)).abs().max() <= 1e-5
@@ -152,3 +158,16 @@ def test_b_dec_gets_its_gradient_through_the_centred_encoder():
     (pre * weights).sum().backward()
     (reference * weights).sum().backward()
     torch.testing.assert_close(eng.b_dec.grad, b_dec.grad)
+
+
+def test_mi_crow_opens_a_jumprelu_model_pt_but_the_file_says_its_codes_are_not_the_saes(tmp_path):
+    sae = _random_sae("jumprelu")
+    sae.sae_engine.initialize_thresholds(torch.randn(200, 24) * 2, bandwidth=0.05)
+    path = sae.save("model", tmp_path)
+    plain = TopKSae.load(path)  # opens: same weights, per-token top-k in place of the thresholds
+    x = torch.randn(64, 24) * 2
+    sae.sae_engine.eval()
+    assert (plain.encode(x) != 0).sum(-1).eq(5).all()
+    assert not torch.equal(plain.encode(x) != 0, sae.encode(x) != 0)
+    note = torch.load(path, weights_only=True)["pipeline_sae"]["mi_crow_topksae"]
+    assert note.startswith("not representable") and "PipelineSae.load" in note

@@ -35,6 +35,7 @@ def check(folder: str, inputs: str) -> dict:
         "forward_max_abs_diff": (out - ours["x_hat"]).abs().max().item(),
         "same_active_latents": bool(torch.equal(z != 0, ours["z"] != 0)),
         "mean_l0": (z != 0).float().sum(-1).mean().item(),
+        "distinct_thresholds": sae.threshold.unique().numel() if hasattr(sae, "threshold") else None,
     }
 
 

@@ -166,3 +166,28 @@ def test_a_one_process_checkpoint_is_not_resumed_by_two(tmp_path):
     assert "'solo' was checkpointed by 1 training process(es) (step 20, epoch 1), now 2" in errors[0]
     assert "sae_pipeline" not in done.stderr.split("Traceback", 1)[-1]
     assert _snapshot(tmp_path / "runs" / "solo") == before
+
+
+def test_the_threshold_architectures_on_two_processes_follow_the_one_process_curves(tmp_path):
+    """Matryoshka BatchTopK and JumpReLU: the global BatchTopK threshold and the per-latent JumpReLU thresholds
+    (initialised on rank 0, their gradients all-reduced with the rest) keep both ranks on the 1-process curve."""
+    make_run(tmp_path, shard_sizes=SHARDS)
+    sweep = dict(SAE_ARCHITECTURE="matryoshka_batchtopk,jumprelu", LR="6e-3")
+    done = subprocess.run(
+        _torchrun("two"), cwd=REPO, env=train_env(tmp_path, SETTINGS, **sweep), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    train_sae(_settings(tmp_path, **sweep), None, "one")
+    store = Store(tmp_path)
+    pairs = list(zip(training_runs(store, "one"), training_runs(store, "two")))
+    assert [two.run_id for _, two in pairs] == ["two.L1.k4.x4.matryoshka_batchtopk.s42", "two.L1.k4.x4.jumprelu.s42"]
+    for one, two in pairs:
+        assert two.read_meta()["processes"] == 2
+        h1, h2 = _history(tmp_path, one.run_id), _history(tmp_path, two.run_id)
+        assert h1["steps"][0]["fvu"] - h1["steps"][-1]["fvu"] > 0.2
+        for a, b in zip(h1["steps"], h2["steps"], strict=True):
+            assert b["fvu"] == pytest.approx(a["fvu"], abs=TOL), (two.run_id, a["step"], a["fvu"], b["fvu"])
+            assert b["l0"] == pytest.approx(a["l0"], abs=0.5), (two.run_id, a["step"], a["l0"], b["l0"])  # seen: 0.2
+        assert h2["holdout"]["fvu"] == pytest.approx(h1["holdout"]["fvu"], abs=TOL)
+    thresholds = [PipelineSae.load(r.model_path).sae_engine.jump_threshold for r in pairs[1]]
+    assert (thresholds[0] - thresholds[1]).abs().mean() < 0.1 * thresholds[0].abs().mean()

@@ -1,0 +1,95 @@
+"""TopK, BatchTopK, Matryoshka BatchTopK and JumpReLU on a real trained Llama: SmolLM2-135M-Instruct, one layer, the
+same width, token budget and target L0 (TOP_K=32, JumpReLU's L0 target), two seeds each, as one sweep.
+
+Runs the real scripts as a user would (steps 1-3), with the capture settings of ``smollm2_frontier.py`` (the demo's
+text, block 15's post_attention_layernorm, expansion 4) and a smaller batch so that the ~36k tokens give every SAE a
+few hundred steps (JumpReLU needs them to reach its L0 target, docs/architectures.md). Prints the members' and the
+seed groups' numbers as RESULTS.md tables. Absorption is not measured (step 3 has no absorption metric yet).
+
+    uv run python benchmarks/smollm2_architectures.py --store /tmp/smollm2_architectures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.smollm2_frontier import RUN_ID, SETTINGS  # noqa: E402
+from sae_pipeline.demo import smollm2  # noqa: E402
+from sae_pipeline.demo.pipeline import CORPUS_FILE, write_corpus  # noqa: E402
+
+SWEEP_ID = "smollm2_architectures"
+SWEEP = {  # step 2 only
+    "TOP_K": "32",
+    "SEED": "1,2",
+    "SAE_ARCHITECTURE": "topk,batchtopk,matryoshka_batchtopk,jumprelu",
+    "EPOCHS": "3",
+    "BATCH_SIZE_TRAIN": "256",
+}
+EVAL = {"EVAL_LIMIT": "40", "BROWSER_LATENTS": "4"}  # step 3 only
+STEPS = {
+    1: ("01_save_activations.py", "--run_id", RUN_ID),
+    2: ("02_train_sae.py", "--sae_run_id", SWEEP_ID),
+    3: ("03_evaluate_sae.py", "--sae_run_id", SWEEP_ID),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", type=Path, default=REPO / "store" / "smollm2_architectures")
+    p.add_argument("--steps", default="1,2,3", help="which steps to run (default: all three)")
+    args = p.parse_args()
+    store = args.store.resolve()
+    env = {
+        **os.environ,
+        **SETTINGS,
+        "MODEL_ID": str(smollm2.model_folder(store)),
+        "HF_DATASET": str(write_corpus(store / CORPUS_FILE)),
+        "STORE_DIR": str(store),
+        "RUN_ID": RUN_ID,
+    }
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}: "
+        + " ".join(f"{k}={v}" for k, v in (SETTINGS | SWEEP | EVAL).items()),
+        flush=True,
+    )
+    for step in map(int, args.steps.split(",")):
+        start = time.perf_counter()
+        step_env = env | (SWEEP if step == 2 else EVAL if step == 3 else {})
+        subprocess.run(
+            [sys.executable, str(REPO / STEPS[step][0]), *STEPS[step][1:]], cwd=REPO, env=step_env, check=True
+        )
+        print(f"# step {step}: {time.perf_counter() - start:.0f} s", flush=True)
+    if "3" in args.steps:
+        report(store)
+
+
+def report(store: Path) -> None:
+    sweep = json.loads((store / "runs" / SWEEP_ID / "evaluation" / "sweep.json").read_text(encoding="utf-8"))
+    print("\n| member | L0 | FVU | CE-loss recovered | KL | never fired | dead |\n|---|---|---|---|---|---|---|")
+    for m in sweep["members"]:
+        meta = json.loads((store / "runs" / m["sae_run_id"] / "meta.json").read_text(encoding="utf-8"))
+        dead = meta["final_metrics"]["holdout"]["dead_fraction"]
+        rec = "n/a" if m["ce_loss_recovered"] is None else f"{m['ce_loss_recovered']:.4f}"
+        print(
+            f"| {m['architecture']}, seed {m['seed']} | {m['l0']:.1f} | {m['fvu']:.4f} | {rec} | {m['kl']:.4f} | "
+            f"{m['never_fired_fraction']:.1%} | {dead:.1%} |"
+        )
+    print("\n| architecture | seeds | L0 | FVU (mean ± std) | CE-loss recovered | KL |\n|---|---|---|---|---|---|")
+    for g in sweep["groups"]:
+        cells = [f"{g[key]['mean']:.4f} ± {g[key]['std']:.4f}" for key in ("fvu", "ce_loss_recovered", "kl")]
+        print(f"| {g['architecture']} | {g['n_seeds']} | {g['l0']['mean']:.1f} | " + " | ".join(cells) + " |")
+    print(f"# timing: {sweep['timing']}")
+
+
+if __name__ == "__main__":
+    main()
