@@ -37,7 +37,9 @@ def store(tiny_model, tmp_path_factory):
     res = run_script("01_save_activations.py", env, "--run_id", "acts")
     assert res.returncode == 0, res.stderr[-3000:]
     for sae_run_id, architecture in SAES.items():
-        arch_env = {**env, "SAE_ARCHITECTURE": architecture, "MATRYOSHKA_WIDTHS": MATRYOSHKA_WIDTHS}
+        arch_env = {**env, "SAE_ARCHITECTURE": architecture}
+        if architecture == "matryoshka_batchtopk":
+            arch_env["MATRYOSHKA_WIDTHS"] = MATRYOSHKA_WIDTHS
         res = run_script("02_train_sae.py", arch_env, "--sae_run_id", sae_run_id)
         assert res.returncode == 0, res.stderr[-3000:]
     return store
