@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sae_pipeline.lm.spelling import Words
+from sae_pipeline.lm.spelling import CONTEXT_EXAMPLES, Words, context_ids, split_words, word_activations
 
 PROBE = {"epochs": 50, "lr": 0.01, "end_lr": 1e-5, "weight_decay": 1e-6}  # SAEBench's train_multi_probe
 PROBE_BATCH = 64  # SAEBench's for the activation probe; also for the L1 probe on codes (SAEBench: 4096, but it has
@@ -40,6 +40,7 @@ PROJECTION_SHARE = 0.4
 MAX_ABSORBERS = 3
 FULL_ABSORPTION_COSINE = 0.025
 EPS = 1e-8
+WORD_BATCH = 64  # prompts per forward: each is a few dozen tokens
 THRESHOLDS = {
     "k_sparse_max_k": MAX_K,
     "f1_jump": F1_JUMP,
@@ -240,3 +241,40 @@ def absorption_summary(letters: list[dict]) -> dict[str, Any]:
 
 def mean_len(entries: list[dict]) -> float:
     return sum(len(e["main_latents"]) for e in entries) / len(entries)
+
+
+@dataclass(frozen=True)
+class SpellingProbe:
+    """What the SAEs of one layer share: the words' activations and the letter probes (step 1), built once."""
+
+    train: Probed
+    test: Probed
+    probe: LetterProbe
+    alphabet: str
+    words: dict[str, Any]
+
+    @classmethod
+    def build(cls, lm, layer: str, hook_side: str, device: torch.device, alphabet: str, n_words: int, seed: int):
+        train_words, test_words = split_words(lm.tokenizer, alphabet, n_words, seed)
+        prefix = context_ids(lm.tokenizer, train_words.words[:CONTEXT_EXAMPLES])
+
+        def probed(words: Words) -> Probed:
+            acts = word_activations(lm, layer, hook_side, prefix, words.token_ids, device, WORD_BATCH)
+            return Probed.of(words, acts)
+
+        train, test = probed(train_words), probed(test_words)
+        probe = fit_letter_probe(train, test, len(alphabet), seed)
+        words = {"train": len(train_words.words), "test": len(test_words.words), "context_tokens": len(prefix) + 1}
+        return cls(train, test, probe, alphabet, words | {"alphabet": alphabet})
+
+    def measure(self, engine: torch.nn.Module) -> dict[str, Any]:
+        """Steps 2 to 4 for one SAE engine (``encode(x) -> (pre, codes)``, ``W_dec``)."""
+        device = engine.W_dec.device
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return engine.encode(x.to(device))[1]
+
+        w_dec = engine.W_dec.detach().float().cpu()
+        return measure_absorption(self.train, self.test, self.probe, encode, w_dec, self.alphabet) | {
+            "words": self.words
+        }
