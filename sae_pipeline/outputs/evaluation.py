@@ -130,12 +130,13 @@ def write_metrics(job: EvalJob, metrics: dict[str, dict[str, Any]]) -> Path:
     if job.sweep is None:
         print(f"  time per stage: {StageClock.describe(timing)} (total {timing['wall_s']:.1f} s)")
         return job.members[0].out
-    from sae_pipeline.outputs.plots import CE_PANEL, FVU_PANEL, plot_sweep_frontier
+    from sae_pipeline.outputs.plots import ABSORPTION_PANEL, CE_PANEL, FVU_PANEL, plot_sweep_frontier
 
     record = sweep_evaluation(job, metrics, timing, finished)
     sweep = job.sweep
     title = f"sweep {sweep.run_id} on {len(job.texts)} held-out documents"
-    plot_sweep_frontier(record["groups"], sweep.evaluation_frontier_path, title=title, panels=(FVU_PANEL, CE_PANEL))
+    panels = (FVU_PANEL, CE_PANEL) + ((ABSORPTION_PANEL,) if job.settings.eval_absorption else ())
+    plot_sweep_frontier(record["groups"], sweep.evaluation_frontier_path, title=title, panels=panels)
     atomic_write_json(sweep.evaluation_path, record)
     print(
         f"Evaluated sweep {sweep.run_id}: {len(job.members)} SAEs at {len(job.layers())} layer(s), the clean and "

@@ -304,7 +304,7 @@ def test_the_sweep_report_lists_every_sae_and_each_group_of_seeds(evaluated_swee
                 assert g[key]["std"] == pytest.approx(statistics.stdev(values))
     assert groups[1]["fvu"]["mean"] < groups[0]["fvu"]["mean"]  # more latents per token reconstruct better
     timing = report["timing"]
-    assert list(timing["stages_s"]) == ["load", "scan", "clean", "ablate", "splice", "holdout", "browser"]
+    assert list(timing["stages_s"]) == ["load", "scan", "clean", "ablate", "splice", "holdout", "absorption", "browser"]
     assert timing["stages_s"]["splice"] > 0 and timing["stages_s"]["clean"] > 0
 
 
