@@ -24,7 +24,11 @@ a sweep (``store/training.training_runs``), and every SAE it names goes through 
    feature_browser.json (each atomically; metrics.json last, once every SAE is done);
 6. for a sweep, ``evaluation/sweep.json`` and ``evaluation/frontier.png`` in the sweep's folder
    (``store/training.Sweep``): every SAE's L0, FVU, CE-loss recovered and KL, and each group of seeds' mean ±
-   standard deviation; then a summary with the time per stage (load, scan, clean, ablate, splice, holdout, browser).
+   standard deviation; then a summary with the time per stage (load, scan, clean, ablate, splice, holdout, absorption,
+   browser).
+
+With EVAL_ABSORPTION, per layer the words' activations and letter probes once, then per SAE its first-letter
+absorption (``sae/absorption.py``), in metrics.json, the summary and the sweep's report.
 
 Definitions (every average is over real tokens only, padding never counts):
 
