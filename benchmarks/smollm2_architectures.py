@@ -4,7 +4,8 @@ same width, token budget and target L0 (TOP_K=32, JumpReLU's L0 target), two see
 Runs the real scripts as a user would (steps 1-3), with the capture settings of ``smollm2_frontier.py`` (the demo's
 text, block 15's post_attention_layernorm, expansion 4) and a smaller batch so that the ~36k tokens give every SAE a
 few hundred steps (JumpReLU needs them to reach its L0 target, docs/architectures.md). Prints the members' and the
-seed groups' numbers as RESULTS.md tables. Absorption is not measured (step 3 has no absorption metric yet).
+seed groups' numbers as RESULTS.md tables, first-letter absorption included (EVAL_ABSORPTION=1, its default 2,000
+words).
 
     uv run python benchmarks/smollm2_architectures.py --store /tmp/smollm2_architectures
 """
@@ -35,7 +36,7 @@ SWEEP = {  # step 2 only
     "EPOCHS": "3",
     "BATCH_SIZE_TRAIN": "256",
 }
-EVAL = {"EVAL_LIMIT": "40", "BROWSER_LATENTS": "4"}  # step 3 only
+EVAL = {"EVAL_LIMIT": "40", "BROWSER_LATENTS": "4", "EVAL_ABSORPTION": "1"}  # step 3 only
 STEPS = {
     1: ("01_save_activations.py", "--run_id", RUN_ID),
     2: ("02_train_sae.py", "--sae_run_id", SWEEP_ID),
@@ -75,20 +76,28 @@ def main() -> None:
 
 def report(store: Path) -> None:
     sweep = json.loads((store / "runs" / SWEEP_ID / "evaluation" / "sweep.json").read_text(encoding="utf-8"))
-    print("\n| member | L0 | FVU | CE-loss recovered | KL | never fired | dead |\n|---|---|---|---|---|---|---|")
+    print("\n| member | L0 | FVU | CE-loss recovered | KL | absorption | never fired | dead |\n" + "|---" * 8 + "|")
     for m in sweep["members"]:
         meta = json.loads((store / "runs" / m["sae_run_id"] / "meta.json").read_text(encoding="utf-8"))
         dead = meta["final_metrics"]["holdout"]["dead_fraction"]
         rec = "n/a" if m["ce_loss_recovered"] is None else f"{m['ce_loss_recovered']:.4f}"
         print(
             f"| {m['architecture']}, seed {m['seed']} | {m['l0']:.1f} | {m['fvu']:.4f} | {rec} | {m['kl']:.4f} | "
+            f"{cell(m.get('absorption'))} | "
             f"{m['never_fired_fraction']:.1%} | {dead:.1%} |"
         )
-    print("\n| architecture | seeds | L0 | FVU (mean ± std) | CE-loss recovered | KL |\n|---|---|---|---|---|---|")
+    print(
+        "\n| architecture | seeds | L0 | FVU (mean ± std) | CE-loss recovered | KL | absorption |\n" + "|---" * 7 + "|"
+    )
     for g in sweep["groups"]:
-        cells = [f"{g[key]['mean']:.4f} ± {g[key]['std']:.4f}" for key in ("fvu", "ce_loss_recovered", "kl")]
+        keys = ("fvu", "ce_loss_recovered", "kl", "absorption")
+        cells = [f"{cell(g[key]['mean'])} ± {cell(g[key]['std'])}" for key in keys]
         print(f"| {g['architecture']} | {g['n_seeds']} | {g['l0']['mean']:.1f} | " + " | ".join(cells) + " |")
     print(f"# timing: {sweep['timing']}")
+
+
+def cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

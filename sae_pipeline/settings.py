@@ -379,6 +379,27 @@ class EvalSettings(CommonSettings):
     )
     browser_contexts: int = Field(10, ge=1, le=100, description="top-activating contexts shown per latent")
     browser_window: int = Field(12, ge=1, le=64, description="tokens shown on each side of an activating token")
+    eval_absorption: bool = Field(
+        False,
+        description="measure first-letter feature absorption as SAEBench does (off by default: one forward per "
+        "word, probes per letter; on SmolLM2 on CPU it adds tens of seconds, see docs/evaluation.md)",
+    )
+    absorption_words: int = Field(
+        2000, ge=50, description="single-token words of the vocabulary used by EVAL_ABSORPTION (80% train, 20% test)"
+    )
+    absorption_letters: str = Field(
+        "abcdefghijklmnopqrstuvwxyz",
+        min_length=2,
+        description="the alphabet of EVAL_ABSORPTION: words are made of these letters, each first letter is a class "
+        "(Polish: aąbcćdeęfghijklłmnńoóprsśtuwyzźż)",
+    )
+
+    @model_validator(mode="after")
+    def _absorption_letters(self) -> EvalSettings:
+        letters = self.absorption_letters
+        if not letters.isalpha() or letters != letters.lower() or len(set(letters)) != len(letters):
+            raise ValueError(f"ABSORPTION_LETTERS={letters!r}: give distinct lower-case letters, e.g. abcdefghijklmnop")
+        return self
 
 
 class InterpretSettings(CommonSettings):

@@ -15,7 +15,13 @@ if TYPE_CHECKING:
     from sae_pipeline.steps.evaluate import EvalJob, Measured, Member
 
 METRICS_FILE = "metrics.json"
-FRONTIER_METRICS = ("l0", "fvu", "ce_loss_recovered", "kl")  # per SAE in the sweep's evaluation, per group of seeds
+FRONTIER_METRICS = (
+    "l0",
+    "fvu",
+    "ce_loss_recovered",
+    "kl",
+    "absorption",
+)  # per SAE in the sweep's evaluation, per group of seeds
 NEVER_FIRED_ON = "stored tokens of the activation run scanned for the feature browser (EVAL_SCAN_TOKENS)"
 FORMULAS = {
     "ce_loss_recovered": "(ce_zero - ce_sae) / (ce_zero - ce_clean)",
@@ -98,6 +104,7 @@ def member_metrics(
             "max": float(freq.max()),
             "tokens": measured.scan.n_tokens,
         },
+        "absorption": measured.absorption,  # null unless EVAL_ABSORPTION=1 (sae/absorption.py)
         "browser": {"scanned_tokens": measured.scan.n_tokens, **browsed},
         "speed": {
             "tokens_per_second": result.tokens_per_second(m.condition),
@@ -123,12 +130,13 @@ def write_metrics(job: EvalJob, metrics: dict[str, dict[str, Any]]) -> Path:
     if job.sweep is None:
         print(f"  time per stage: {StageClock.describe(timing)} (total {timing['wall_s']:.1f} s)")
         return job.members[0].out
-    from sae_pipeline.outputs.plots import CE_PANEL, FVU_PANEL, plot_sweep_frontier
+    from sae_pipeline.outputs.plots import ABSORPTION_PANEL, CE_PANEL, FVU_PANEL, plot_sweep_frontier
 
     record = sweep_evaluation(job, metrics, timing, finished)
     sweep = job.sweep
     title = f"sweep {sweep.run_id} on {len(job.texts)} held-out documents"
-    plot_sweep_frontier(record["groups"], sweep.evaluation_frontier_path, title=title, panels=(FVU_PANEL, CE_PANEL))
+    panels = (FVU_PANEL, CE_PANEL) + ((ABSORPTION_PANEL,) if job.settings.eval_absorption else ())
+    plot_sweep_frontier(record["groups"], sweep.evaluation_frontier_path, title=title, panels=panels)
     atomic_write_json(sweep.evaluation_path, record)
     print(
         f"Evaluated sweep {sweep.run_id}: {len(job.members)} SAEs at {len(job.layers())} layer(s), the clean and "
@@ -163,6 +171,7 @@ def sweep_evaluation(
             "l0, fvu": "on the held-out documents' tokens the splice replaced (reconstruction.eval_texts)",
             "ce_loss_recovered": FORMULAS["ce_loss_recovered"] + "; null with the reason when the gap is noise",
             "kl": "mean KL(p_clean || p_sae)",
+            "absorption": "first-letter absorption fraction (EVAL_ABSORPTION; null when off or too few letters)",
             "never_fired_fraction": FORMULAS["never_fired"],
             "groups": "SAEs that differ only in SEED: mean and sample standard deviation over the seeds (std null "
             "with one seed; a metric null for any seed is null for the group)",
@@ -188,6 +197,7 @@ def frontier_entry(m: Member, metrics: dict[str, Any]) -> dict[str, Any]:
         "ce_loss_recovered_reason": d["ce_loss_recovered_reason"],
         "kl": d["kl_sae"],
         "delta_loss": d["delta_loss"],
+        "absorption": (metrics.get("absorption") or {}).get("absorption_fraction"),
         "never_fired_fraction": metrics["never_fired"]["fraction"],
         "never_fired_tokens": metrics["never_fired"]["tokens"],
         "metrics": str(Path(m.run.run_id) / EVALUATION_DIR / METRICS_FILE),
@@ -206,6 +216,7 @@ def member_summary(job: EvalJob, m: Member, metrics: dict[str, Any]) -> str:
         f"  reconstruction: FVU {r['fvu']:.4f}, MSE {r['mse']:.4g}, "
         f"{describe_l0(r['l0'], metrics['top_k'], metrics['architecture'])}\n"
         f"  {describe_never_fired(nf['fraction'], nf['tokens'], 'stored', nf['n_latents'])}\n"
+        f"{absorption_line(metrics.get('absorption'))}"
         f"  outputs in {m.out}: metrics.json, {files['firing_frequency']}, {files['browser']} (open in a browser), "
         f"{files['browser_json']}"
     )
@@ -221,4 +232,16 @@ def recovered_lines(d: dict[str, Any]) -> str:
     return (
         f"  CE-loss recovered {d['ce_loss_recovered']:.4f} (zero-ablation gap {gap['gap']:+.4f} ± "
         f"{gap['standard_error']:.4f}; vs mean ablation {'n/a' if mean is None else f'{mean:.4f}'}), {fidelity}"
+    )
+
+
+def absorption_line(result: dict[str, Any] | None) -> str:
+    """EVAL_ABSORPTION's line of the summary (nothing when it is off)."""
+    if result is None:
+        return ""
+    if result["absorption_fraction"] is None:
+        return f"  absorption: none, because {result['reason']}\n"
+    return (
+        f"  absorption (first letter, SAEBench's definition): {result['absorption_fraction']:.4f}, full absorption "
+        f"{result['full_absorption_rate']:.4f}, over {result['letters_evaluated']} letters\n"
     )

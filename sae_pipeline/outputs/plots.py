@@ -62,6 +62,7 @@ def at_least_a_decade(ax) -> None:
 
 FVU_PANEL = ("fvu", "held-out FVU")
 CE_PANEL = ("ce_loss_recovered", "CE-loss recovered")
+ABSORPTION_PANEL = ("absorption", "first-letter absorption fraction")
 
 
 def plot_sweep_frontier(

@@ -24,7 +24,11 @@ a sweep (``store/training.training_runs``), and every SAE it names goes through 
    feature_browser.json (each atomically; metrics.json last, once every SAE is done);
 6. for a sweep, ``evaluation/sweep.json`` and ``evaluation/frontier.png`` in the sweep's folder
    (``store/training.Sweep``): every SAE's L0, FVU, CE-loss recovered and KL, and each group of seeds' mean ±
-   standard deviation; then a summary with the time per stage (load, scan, clean, ablate, splice, holdout, browser).
+   standard deviation; then a summary with the time per stage (load, scan, clean, ablate, splice, holdout, absorption,
+   browser).
+
+With EVAL_ABSORPTION, per layer the words' activations and letter probes once, then per SAE its first-letter
+absorption (``sae/absorption.py``), in metrics.json, the summary and the sweep's report.
 
 Definitions (every average is over real tokens only, padding never counts):
 
@@ -61,7 +65,7 @@ from sae_pipeline.store.activations import ActivationRun
 from sae_pipeline.store.runs import SAE_RUN_ID_FILE, Store, validate_run_id
 from sae_pipeline.store.training import Sweep, TrainingRun, training_runs
 
-STAGES = ("load", "scan", "clean", "ablate", "splice", "holdout", "browser")  # where step 3's time goes
+STAGES = ("load", "scan", "clean", "ablate", "splice", "holdout", "absorption", "browser")  # where step 3's time goes
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Measured:
     scan: LatentScan
     holdout: dict[str, Any] | None
     scan_seconds: float
+    absorption: dict[str, Any] | None = None  # EVAL_ABSORPTION's result (sae/absorption.py)
 
 
 @dataclass(frozen=True)
@@ -183,8 +188,9 @@ def evaluate_sae(settings: EvalSettings, sae_run_id: str | None = None) -> Path:
     metrics = {}
     for layer, members in job.layers().items():
         passes = evaluate_layer(job, layer, members)
+        spelling = spelling_probe(job, layer) if job.settings.eval_absorption else None
         for m in members:
-            measured = measure_member(job, m, *passes[m.name])
+            measured = measure_member(job, m, *passes[m.name], spelling)
             metrics[m.name] = write_member_outputs(job, m, measured)
     return records.write_metrics(job, metrics)
 
@@ -303,8 +309,22 @@ def evaluate_layer(
     return {m.name: (result, splice.stats[m.condition]) for m in members}
 
 
-def measure_member(job: EvalJob, m: Member, result: DownstreamResult, stats: ReconstructionStats) -> Measured:
-    """One SAE's scan of stored tokens and its reconstruction on the training run's held-out slice."""
+def spelling_probe(job: EvalJob, layer: str):
+    """EVAL_ABSORPTION: the words' activations at the layer and the letter probes, once for the layer's SAEs."""
+    from sae_pipeline.sae.absorption import SpellingProbe
+
+    s = job.settings
+    with job.clock.stage("absorption"):
+        return SpellingProbe.build(
+            job.lm, layer, job.hook_side, job.device, s.absorption_letters, s.absorption_words, s.seed
+        )
+
+
+def measure_member(
+    job: EvalJob, m: Member, result: DownstreamResult, stats: ReconstructionStats, spelling=None
+) -> Measured:
+    """One SAE's scan of stored tokens, its reconstruction on the training run's held-out slice and, with
+    EVAL_ABSORPTION, its first-letter absorption."""
     settings, clock = job.settings, job.clock
     started = time.perf_counter()
     with clock.stage("scan"):
@@ -320,7 +340,9 @@ def measure_member(job: EvalJob, m: Member, result: DownstreamResult, stats: Rec
     scan_s = time.perf_counter() - started
     with clock.stage("holdout"):
         holdout = training_holdout(job.run, m.layer, m.engine, job.device, m.meta)
-    return Measured(result, stats, scan, holdout, scan_s)
+    with clock.stage("absorption"):
+        absorption = spelling.measure(m.engine) if spelling is not None else None
+    return Measured(result, stats, scan, holdout, scan_s, absorption)
 
 
 def write_member_outputs(job: EvalJob, m: Member, measured: Measured) -> dict[str, Any]:

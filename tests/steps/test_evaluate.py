@@ -304,7 +304,7 @@ def test_the_sweep_report_lists_every_sae_and_each_group_of_seeds(evaluated_swee
                 assert g[key]["std"] == pytest.approx(statistics.stdev(values))
     assert groups[1]["fvu"]["mean"] < groups[0]["fvu"]["mean"]  # more latents per token reconstruct better
     timing = report["timing"]
-    assert list(timing["stages_s"]) == ["load", "scan", "clean", "ablate", "splice", "holdout", "browser"]
+    assert list(timing["stages_s"]) == ["load", "scan", "clean", "ablate", "splice", "holdout", "absorption", "browser"]
     assert timing["stages_s"]["splice"] > 0 and timing["stages_s"]["clean"] > 0
 
 
@@ -384,3 +384,24 @@ def test_two_layers_each_get_their_own_shared_passes(trained_tiny_model, tmp_pat
     tokenizer = load_language_model(str(trained_tiny_model), store.root, CPU, torch.float32).tokenizer
     n_batches = len(token_batches(tokenizer, eval_texts(_eval_settings(store.root), meta)[0], 32, 8, False))
     assert forwards == 2 * (1 + n_batches * (3 + 2))
+
+
+def test_absorption_is_reported_per_sae_and_in_the_sweep_report(sweep_store, tmp_path):
+    """EVAL_ABSORPTION=1 on a copy of the sweep: every metrics.json gets its absorption record and sweep.json its
+    column; the random-weight tiny Llama knows too few first letters, so the score is null with the reason."""
+    import shutil
+
+    from sae_pipeline.steps.evaluate import evaluate_sae
+
+    store = shutil.copytree(sweep_store, tmp_path / "store")
+    polish = "aąbcćdeęfghijklłmnńoóprsśtuwyzźż"
+    out = evaluate_sae(_eval_settings(store, eval_absorption=True, absorption_words=60, absorption_letters=polish))
+    report = json.loads((out / "sweep.json").read_text())
+    for m in report["members"]:
+        own = json.loads((store / "runs" / m["sae_run_id"] / "evaluation" / "metrics.json").read_text())
+        absorption = own["absorption"]
+        assert absorption["words"]["train"] + absorption["words"]["test"] <= 60
+        assert absorption["words"]["alphabet"] == polish
+        assert absorption["absorption_fraction"] is None and "letters have a probe" in absorption["reason"]
+        assert m["absorption"] is None
+    assert report["timing"]["stages_s"]["absorption"] > 0
