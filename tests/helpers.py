@@ -76,25 +76,40 @@ def _root_only(*command: str) -> None:
 
 
 SAELENS_ENV = REPO / "tests" / "saelens_env"
+DELPHI_ENV = REPO / "tests" / "delphi_env"
 
 
 def run_saelens(checks: dict[Path, Path], timeout: float = 900) -> list[dict]:
     """SAELens itself on exports, in its own environment (tests/saelens_env; uv installs it from its lock on first
     use): one result per ``{export folder: inputs file}``, see tests/saelens_env/check_export.py."""
+    stdout = run_in_env(
+        SAELENS_ENV, "check_export.py", [f"{folder}={inputs}" for folder, inputs in checks.items()], timeout
+    )
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def run_delphi(raw_dir: Path, tokenizer: Path | None = None, timeout: float = 900) -> dict:
+    """delphi's own loader on a latent cache, in its own environment (tests/delphi_env): what it yields, see
+    tests/delphi_env/check_cache.py."""
+    stdout = run_in_env(DELPHI_ENV, "check_cache.py", [str(raw_dir)] + ([str(tokenizer)] if tokenizer else []), timeout)
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
+
+
+def run_in_env(project: Path, script: str, args: list[str], timeout: float) -> str:
+    """stdout of ``project/script`` run in that uv project's own environment, installed from its lock on first use
+    (the field's tools pin dependencies this project cannot share)."""
     uv = os.environ.get("UV") or shutil.which("uv")
-    assert uv, "uv is needed to run SAELens in its own environment (README: Try it)"
+    assert uv, f"uv is needed to run {project.name}'s checks in their own environment (README: Try it)"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")}
-    script = SAELENS_ENV / "check_export.py"
     res = subprocess.run(
-        [uv, "run", "--frozen", "--project", str(SAELENS_ENV), "python", str(script)]
-        + [f"{folder}={inputs}" for folder, inputs in checks.items()],
+        [uv, "run", "--frozen", "--project", str(project), "python", str(project / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
     )
     assert res.returncode == 0, res.stderr[-5000:]
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    return res.stdout
 
 
 def train_env(store: Path, settings: dict[str, str], **overrides: str) -> dict[str, str]:

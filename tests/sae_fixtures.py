@@ -42,9 +42,11 @@ def make_run(
     tokens: torch.Tensor | None = None,
     seed: int = 0,
     layers: tuple[str, ...] = (LAYER,),
+    token_ids: torch.Tensor | None = None,
 ) -> ActivationRun:
     """A complete activation run written by the store's own manifest builder and shard writer; ``tokens`` (default
-    synthetic) is split into shards of ``shard_sizes``, 16 tokens per document."""
+    synthetic) is split into shards of ``shard_sizes``, 16 tokens per document; ``token_ids`` (default all 7) are
+    the provenance's token ids."""
     store = Store(Path(store_dir))
     run = ActivationRun(store, run_id)
     total = sum(shard_sizes)
@@ -82,7 +84,8 @@ def make_run(
     for i, n in enumerate(shard_sizes):
         acts = tokens[start : start + n].to(dtype)
         doc = i * docs_per_shard + torch.arange(n) // 16
-        prov = torch.stack([doc, torch.arange(n) % 16, torch.full((n,), 7)], dim=1).to(torch.int32)
+        ids = torch.full((n,), 7) if token_ids is None else token_ids[start : start + n]
+        prov = torch.stack([doc, torch.arange(n) % 16, ids], dim=1).to(torch.int32)
         info = {
             "index": i,
             "doc_start": i * docs_per_shard,
