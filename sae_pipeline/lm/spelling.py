@@ -9,6 +9,7 @@ characters, lower-cased, are all in the alphabet (``ABSORPTION_LETTERS``); its c
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -84,20 +85,23 @@ class _Recorder(torch.nn.Module):
 def word_activations(
     lm, layer: str, hook_side: str, prefix: list[int], token_ids: list[int], device: torch.device, batch_size: int
 ) -> torch.Tensor:
-    """[n, d] float32: the layer's activation at each word's position, the word placed after ``prefix``. All prompts
-    have the same length, so there is no padding."""
+    """[n, d] float32: the layer's activation at each word's position, the word placed after ``prefix``. Every word
+    shares the prefix, so its keys and values are computed once and each word costs one token's forward."""
+    with torch.inference_mode():
+        prefix_cache = lm.model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache
     recorder = _Recorder()
     splice = make_splice(layer, hook_side, {"record": recorder})
     splice.mode = "record"
     lm.layers.register_hook(layer, splice)
     try:
         for start in range(0, len(token_ids), batch_size):
-            words = torch.tensor(token_ids[start : start + batch_size])[:, None]
-            ids = torch.cat([torch.tensor(prefix).expand(len(words), -1), words], dim=1).to(device)
-            splice.keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-            splice.keep[:, -1] = True
+            words = torch.tensor(token_ids[start : start + batch_size], device=device)[:, None]
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(words))
+            splice.keep = torch.ones(words.shape, dtype=torch.bool, device=device)
+            mask = torch.ones(len(words), len(prefix) + 1, dtype=torch.long, device=device)
             with torch.inference_mode():
-                lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                lm.model(input_ids=words, attention_mask=mask, cache=cache, use_cache=True)
     finally:
         lm.layers.unregister_hook(splice.id)
     return torch.cat(recorder.rows)

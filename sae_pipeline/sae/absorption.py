@@ -40,7 +40,7 @@ PROJECTION_SHARE = 0.4
 MAX_ABSORBERS = 3
 FULL_ABSORPTION_COSINE = 0.025
 EPS = 1e-8
-WORD_BATCH = 64  # prompts per forward: each is a few dozen tokens
+WORD_BATCH = 256  # words per forward, one token each after the shared prefix
 THRESHOLDS = {
     "k_sparse_max_k": MAX_K,
     "f1_jump": F1_JUMP,
