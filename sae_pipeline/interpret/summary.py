@@ -56,7 +56,12 @@ def summarize(rows, config, scoring_seconds: float, explainer, scorer) -> dict[s
         "scores": scores,
         "chance": 0.5,
         "generation": {
-            m.model_id: {"chats": m.calls, "generated_tokens": m.generated_tokens, "seconds": round(m.seconds, 2)}
+            m.model_id: {
+                "chats": m.calls,
+                "prompt_tokens": m.prompt_tokens,
+                "generated_tokens": m.generated_tokens,
+                "seconds": round(m.seconds, 2),
+            }
             for m in models.values()
         },
         "written": now(),

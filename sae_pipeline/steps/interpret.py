@@ -43,7 +43,7 @@ from sae_pipeline.interpret.examples import (
     estimate_bytes,
     firing_counts,
 )
-from sae_pipeline.interpret.explainer import explainer_prompt, parse_explanation
+from sae_pipeline.interpret.explainer import explainer_prompt, explanation_complete, parse_explanation
 from sae_pipeline.interpret.io import InterpretationFolder
 from sae_pipeline.interpret.prompts import delphi_prompts
 from sae_pipeline.interpret.summary import plot_scores, refresh_browser, summarize
@@ -52,8 +52,6 @@ from sae_pipeline.settings import InterpretSettings
 from sae_pipeline.store.activations import ActivationRun
 from sae_pipeline.store.runs import SAE_RUN_ID_FILE, Store, validate_run_id
 from sae_pipeline.store.training import Sweep, TrainingRun, training_runs
-
-SCORE_TOKENS_PER_EXAMPLE, SCORE_TOKENS_EXTRA = 3, 8  # "[1,0,...]": a digit and a comma per example, brackets
 
 
 def interpret_sae(settings: InterpretSettings, sae_run_id: str | None = None) -> list[Path]:
@@ -147,6 +145,8 @@ def interpret_member(settings, run: TrainingRun, meta, act_run, contexts, explai
     summary = summarize(rows, config, time.perf_counter() - started, explainer, scorer)
     folder.write_summary(summary)
     refresh_browser(run, rows)
+    means = (f"{kind} {s['real']['mean']} (control {s['control']['mean']})" for kind, s in summary["scores"].items())
+    print(f"SAE {run.run_id}, mean balanced accuracy of {len(rows)} latents: " + ", ".join(means))
     return folder.dir
 
 
@@ -201,9 +201,8 @@ def explain_all(settings, folder: InterpretationFolder, examples: list[LatentExa
         "explain", len(examples), "latent", initial=len(done), every_s=settings.progress_every_seconds
     ) as meter:
         for ex in todo:
-            (answer,) = explainer.answer(
-                [explainer_prompt(ex, settings.interpret_language)], settings.explainer_max_new_tokens
-            )
+            prompt = explainer_prompt(ex, settings.interpret_language)
+            (answer,) = explainer.answer([prompt], settings.explainer_max_new_tokens, stop=explanation_complete)
             done[ex.latent] = parse_explanation(answer)
             folder.explanations.append({"latent": ex.latent, "explanation": done[ex.latent], "answer": answer})
             meter.update(1, tokens=explainer.generated_tokens - generated)
@@ -221,20 +220,17 @@ def score_all(settings, folder, examples: list[LatentExamples], explanations: di
             if ex.latent in done:
                 continue
             control_latent = examples[(i + max(1, n // 2)) % n].latent if n > 1 else None
+            tried = [explanations[ex.latent]] + ([] if control_latent is None else [explanations[control_latent]])
+            scores = score_latent(settings, ex, tried, scorer)
             row = {
                 "latent": ex.latent,
                 "frequency": ex.frequency,
                 "explanation": explanations[ex.latent],
-                "scores": score_latent(settings, ex, explanations[ex.latent], scorer),
+                "scores": scores[0],
                 "control": None,
             }
             if control_latent is not None:
-                control_explanation = explanations[control_latent]
-                row["control"] = {
-                    "explanation_of": control_latent,
-                    "explanation": control_explanation,
-                    "scores": score_latent(settings, ex, control_explanation, scorer),
-                }
+                row["control"] = {"explanation_of": control_latent, "explanation": tried[1], "scores": scores[1]}
             row |= {"examples": ex.to_json(), "explainer_model": config["explainer_model"]}
             row["scorer_model"] = config["scorer_model"]
             folder.latents.append(row)
@@ -245,8 +241,10 @@ def score_all(settings, folder, examples: list[LatentExamples], explanations: di
     return sorted(rows, key=lambda r: order[r["latent"]])
 
 
-def score_latent(settings, ex: LatentExamples, explanation: str, scorer) -> dict[str, Any]:
-    """Detection and fuzzing of one explanation on one latent's examples, all prompts in one batch."""
+def score_latent(settings, ex: LatentExamples, explanations: list[str], scorer) -> list[dict[str, Any]]:
+    """Detection and fuzzing of each explanation (the latent's own, its control's) on one latent's examples, in one
+    ``ChatModel.classify`` call: prompts sharing a prefix go in one batch. Each answer is a 0/1 list, a digit per
+    sample."""
     plans = [
         scorers.plan(
             kind,
@@ -256,13 +254,15 @@ def score_latent(settings, ex: LatentExamples, explanation: str, scorer) -> dict
             settings.interpret_language,
             settings.seed + ex.latent,
         )
+        for explanation in explanations
         for kind in scorers.SCORERS
     ]
     prompts = [p for plan in plans for p in plan.prompts]
-    max_new = SCORE_TOKENS_PER_EXAMPLE * settings.interpret_examples_per_prompt + SCORE_TOKENS_EXTRA
-    answers = scorer.answer(prompts, max_new)
-    out, at = {}, 0
+    answers = scorer.classify(prompts, [len(batch) for plan in plans for batch in plan.batches])
+    out, at = [], 0
     for plan in plans:
-        out[plan.kind] = scorers.score(plan, answers[at : at + len(plan.prompts)])
+        if plan.kind == scorers.SCORERS[0]:
+            out.append({})
+        out[-1][plan.kind] = scorers.score(plan, answers[at : at + len(plan.prompts)])
         at += len(plan.prompts)
     return out

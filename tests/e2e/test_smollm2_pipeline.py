@@ -133,10 +133,11 @@ def test_feature_browser_shows_latents_across_frequencies(pipeline):
     assert [bool(c) for c in browser["latents"]["contexts"]] == fired  # every latent that fired opens from the list
 
 
-# Step 4 on the same run, SmolLM2 as the explainer and the scorer, kept small: a few latents, one scoring prompt of
-# each kind per latent, short answers (on CPU each prompt costs seconds).
+# Step 4 on the same run, SmolLM2 as the explainer and the scorer, kept small: 20 latents, one scoring prompt of
+# each kind per latent, short explanations (on CPU each latent costs seconds: benchmarks/RESULTS.md).
+N_INTERPRETED = 20
 INTERPRET = {
-    "INTERPRET_LIMIT": "2",
+    "INTERPRET_LIMIT": str(N_INTERPRETED),
     "INTERPRET_TOP_EXAMPLES": "6",
     "INTERPRET_TEST_EXAMPLES": "2",
     "INTERPRET_NON_ACTIVATING": "2",
@@ -174,7 +175,7 @@ def interpreted(pipeline, smollm2_model):
 
 def test_step4_explains_and_scores_latents_against_a_control(interpreted, smollm2_model):
     store, _, rows = interpreted
-    assert len(rows) == 2 and len({r["latent"] for r in rows}) == 2
+    assert len(rows) == N_INTERPRETED and len({r["latent"] for r in rows}) == N_INTERPRETED
     for row in rows:
         assert row["explanation"] and row["explainer_model"] == row["scorer_model"] == str(smollm2_model)
         assert row["control"]["explanation_of"] != row["latent"]
@@ -183,14 +184,16 @@ def test_step4_explains_and_scores_latents_against_a_control(interpreted, smollm
             assert set(scores) == {"detection", "fuzzing"}
             for s in scores.values():
                 answered = s["true_positives"] + s["false_negatives"] + s["true_negatives"] + s["false_positives"]
-                assert answered + s["failed"] == 4  # 2 activating and 2 silent contexts
+                assert answered + s["failed"] == len(row["examples"]["test"]) + len(row["examples"]["non_activating"])
+                assert s["failed"] == 0  # answers constrained to delphi's format always parse
                 assert s["balanced_accuracy"] is None or 0 <= s["balanced_accuracy"] <= 1
-        assert len(row["examples"]["top"]) >= 1 and len(row["examples"]["test"]) == 2
+        assert len(row["examples"]["top"]) >= 1 and len(row["examples"]["test"]) <= 2
         assert all(c["activations"][c["center"]] > 0 for c in row["examples"]["top"])
         assert any(ch in "".join("".join(c["pieces"]) for c in row["examples"]["top"]) for ch in "ąęółśżźćń ")
+    assert sum(len(r["examples"]["test"]) == 2 for r in rows) >= N_INTERPRETED // 2  # rare latents may have fewer
     folder = store / "runs" / "sae" / "interpretation"
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    assert summary["latents"] == 2 and set(summary["scores"]["detection"]) == {"real", "control"}
+    assert summary["latents"] == N_INTERPRETED and set(summary["scores"]["detection"]) == {"real", "control"}
     assert (folder / "scores.png").stat().st_size > 1000
     browser = json.loads((store / "runs" / "sae" / "evaluation" / "feature_browser.json").read_text("utf-8"))
     assert {int(k): v["explanation"] for k, v in browser["interpretation"].items()} == {
@@ -201,6 +204,9 @@ def test_step4_explains_and_scores_latents_against_a_control(interpreted, smollm
 
 
 def test_step4_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_run(interpreted, tmp_path):
+    """A copy of the finished run's store with its last rows removed (as if stopped there) is rerun, killed once it
+    has written one more row, and rerun to the end: the rows equal the uninterrupted run's. Starting near the end
+    keeps the test short; the kill is real."""
     import shutil
     import signal
     import subprocess
@@ -212,21 +218,27 @@ def test_step4_killed_mid_run_resumes_to_the_rows_of_an_uninterrupted_run(interp
     store, env, rows = interpreted
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
-    shutil.rmtree(copy / "runs" / "sae" / "interpretation")
+    folder = copy / "runs" / "sae" / "interpretation"
+    kept = N_INTERPRETED - 3
+    for name in ("latents.jsonl", "explanations.jsonl"):
+        lines = (folder / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        (folder / name).write_text("".join(lines[:kept]), encoding="utf-8")
+    (folder / "summary.json").unlink()
     env = {**env, "STORE_DIR": str(copy)}
     proc = subprocess.Popen([sys.executable, str(REPO / "04_interpret_sae.py")], cwd=REPO, env=env)
-    written = copy / "runs" / "sae" / "interpretation" / "latents.jsonl"
+    written = folder / "latents.jsonl"
     deadline = time.monotonic() + 600
-    while not (written.is_file() and written.read_bytes().count(b"\n") >= 1) and proc.poll() is None:
+    while written.read_bytes().count(b"\n") < kept + 1 and proc.poll() is None:
         assert time.monotonic() < deadline
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # a preemption that leaves no time to clean up
     proc.wait()
     killed = interpretation_rows(copy)
-    assert len(killed) == 1
+    assert kept < len(killed) < N_INTERPRETED
     res = run_script("04_interpret_sae.py", env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert interpretation_rows(copy) == rows  # no row lost, none twice, the same explanations and scores
+    assert (folder / "summary.json").is_file()
 
 
 def test_step4_exports_neuronpedia_features_and_delphis_cache(interpreted, smollm2_model):

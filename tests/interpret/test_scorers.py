@@ -71,3 +71,6 @@ def test_balanced_accuracy_counts_each_class_alike_and_leaves_failed_answers_out
     broken = scorers.score(plan, ["I think [1, 0, 1]", perfect[1]])  # wrong length: the batch is failed
     assert broken["failed"] == 2 and broken["true_positives"] + broken["true_negatives"] == 2
     assert scorers.parse_answer("[1,0,2]", 3) is None and scorers.parse_answer("x [0, 1] y", 2) == [False, True]
+    rare = LatentExamples(7, 1e-5, EXAMPLES.top, [], EXAMPLES.non_activating)  # its firings all among the top
+    silent_only = scorers.plan("detection", rare, "years", per_prompt=2, language="Polish", seed=0)
+    assert scorers.score(silent_only, ["[0,0]"])["balanced_accuracy"] is None  # no activating text: no score
