@@ -7,7 +7,8 @@ with AuxK bookkeeping, metrics, checkpoints and the progress bar; tokens/s of it
 float32 tensor, nothing else. The ratio ours/bare is the overhead of everything the pipeline adds (target >= 0.8).
 
 Run: ``uv run python benchmarks/train_speed.py`` (default: a synthetic run of d=384, 200k tokens in bf16 shards;
-``--run minilm_l3 --store store/bench`` reuses train_quality.py's activations).
+``--run minilm_l3 --store store/bench`` reuses train_quality.py's activations). ``--architectures
+topk,batchtopk,matryoshka_batchtopk,jumprelu`` trains one SAE of each in turn, each against the same bare TopK loop.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
     p.add_argument("--multiplier", type=int, default=4, help="N_LATENTS_MULTIPLIER")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--architectures", default="topk", help="SAE_ARCHITECTURE values, one SAE each (default: topk)")
     args = p.parse_args()
     store = Store(Path(args.store))
     run_id = args.run or synthetic_run(store, args.d, args.tokens)
@@ -133,28 +135,31 @@ def main() -> None:
     )
     loader = TokenLoader(ActivationRun(store, run_id), layer, d, args.batch, settings.holdout_fraction, 0, 1 << 20)
     x_all = torch.cat([b.float() for b in loader.iter_epoch(0)]).to(args.device)  # the same tokens, in memory
+    for architecture in args.architectures.split(","):
+        arch_settings = settings.model_copy(update={"sae_architecture": [architecture]})
+        print(json.dumps(measure(arch_settings, run_id, x_all, args) | {"architecture": architecture, **machine()}))
 
-    bare = bare_loop(x_all, args.multiplier * d, args.k, args.batch, settings.lr[0])
-    out = train_sae(settings, run_id, f"speed_{run_id}_k{args.k}_{time.strftime('%H%M%S')}")
+
+def measure(settings: TrainSettings, run_id: str, x_all: torch.Tensor, args) -> dict:
+    """Our trainer's tokens/s, between two runs of the bare loop on the same tokens."""
+    bare = bare_loop(x_all, args.multiplier * x_all.shape[1], args.k, args.batch, settings.lr[0])
+    out = train_sae(
+        settings, run_id, f"speed_{run_id}_{settings.sae_architecture[0]}_k{args.k}_{time.strftime('%H%M%S')}"
+    )
     m = json.loads((out / "meta.json").read_text())
     ours = m["tokens_trained"] / m["elapsed_s"]
-    bare2 = bare_loop(x_all, args.multiplier * d, args.k, args.batch, settings.lr[0])  # again, to bracket noise
-    print(
-        json.dumps(
-            {
-                "d_in": d,
-                "n_latents": args.multiplier * d,
-                "k": args.k,
-                "batch": args.batch,
-                "tokens": m["tokens_trained"],
-                "ours_tokens_per_s": round(ours),
-                "bare_tokens_per_s": [round(bare), round(bare2)],
-                "ratio": round(ours / ((bare + bare2) / 2), 3),
-                "timing": m["timing"],  # read / step / checkpoint / evaluate s; on CUDA GPU busy fraction, peak
-                **machine(),
-            }
-        )
-    )
+    bare2 = bare_loop(x_all, args.multiplier * x_all.shape[1], args.k, args.batch, settings.lr[0])  # bracket noise
+    return {
+        "d_in": x_all.shape[1],
+        "n_latents": args.multiplier * x_all.shape[1],
+        "k": args.k,
+        "batch": args.batch,
+        "tokens": m["tokens_trained"],
+        "ours_tokens_per_s": round(ours),
+        "bare_tokens_per_s": [round(bare), round(bare2)],
+        "ratio": round(ours / ((bare + bare2) / 2), 3),
+        "timing": m["timing"],  # read / step / checkpoint / evaluate s; on CUDA GPU busy fraction, peak
+    }
 
 
 if __name__ == "__main__":
