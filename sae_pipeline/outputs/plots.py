@@ -83,7 +83,7 @@ def plot_sweep_frontier(
         for label, points in series.items():
             points = sorted((p for p in points if p[metric]["mean"] is not None), key=lambda p: p["top_k"])
             if points:
-                drawn += [p["l0"]["mean"] for p in points]
+                drawn += [p["top_k"] for p in points]
                 ax.errorbar(
                     [p["l0"]["mean"] for p in points],
                     [p[metric]["mean"] for p in points],
@@ -98,8 +98,8 @@ def plot_sweep_frontier(
         else:  # e.g. CE-loss recovered where the ablation gap is noise: say so instead of an empty frame
             ax.text(0.5, 0.5, f"{name}: none measurable", ha="center", va="center", transform=ax.transAxes)
         ax.set_xscale("log")
-        if drawn:  # plain numbers at the measured L0s, not powers of ten
-            ax.set_xticks(sorted(set(drawn)), [f"{x:.3g}" for x in sorted(set(drawn))])
+        if drawn:  # plain numbers at the sweep's k values (L0's targets), not powers of ten nor overlapping L0s
+            ax.set_xticks(sorted(set(drawn)), [f"{x:g}" for x in sorted(set(drawn))])
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("L0 (active latents per token; mean ± std over seeds)")
         ax.set_ylabel(name)
